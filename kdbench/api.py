@@ -1,0 +1,201 @@
+"""Everything a plugin imports from kdbench: the data types that cross the plugin boundary.
+
+A plugin module implements one or more hooks from :mod:`kdbench.hookspecs` (decorated with
+:data:`hookimpl`) and calls ``register(name, factory, params=ParamsModel, help="one line")``.
+
+Kinds of plugin and what their factories return:
+
+* **model**: ``factory(num_classes, params) -> KDModel``; ``forward(x) -> ModelOutput``.
+* **dataset**: ``factory(params, split) -> ImageData`` with uint8 images (N, C, H, W).
+* **teacher objective**: ``factory(params, setup: ObjectiveSetup) -> TeacherObjective``.
+* **student method**: ``factory(params, setup: MethodSetup) -> StudentMethod``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import pluggy
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+hookimpl = pluggy.HookimplMarker("kdbench")
+
+
+class Params(BaseModel):
+    """Base of every plugin's config model: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad recipe, missing data, ...): one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelOutput:
+    """What every model returns.
+
+    ``feats[i]`` are per-stage outputs after the stage's final ReLU, the stem first;
+    ``preact_feats[i]`` are the same maps before that ReLU (same shapes); ``pooled`` is the
+    globally pooled penultimate vector that feeds the classifier.
+    """
+
+    logits: Tensor
+    feats: list[Tensor]
+    preact_feats: list[Tensor]
+    pooled: Tensor
+
+
+class KDModel(nn.Module):
+    """Base class of distillable models. Subclasses implement ``forward`` -> ModelOutput and
+    the two introspection methods below (used by OFD, ReviewKD and friends)."""
+
+    def stage_channels(self) -> list[int]:
+        """Channel count of ``feats[1:]`` (one entry per stage, stem excluded)."""
+        raise NotImplementedError
+
+    def bn_before_relu(self) -> list[nn.BatchNorm2d]:
+        """The BatchNorm layer whose output feeds the final ReLU of each stage (``feats[1:]``)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ImageData:
+    """One split of an image dataset, as uint8 tensors: images (N, C, H, W), labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError("ImageData.images must be a uint8 tensor of shape (N, C, H, W)")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("ImageData.labels must have shape (N,)")
+        self.labels = self.labels.long()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Training steps
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One training step's data, already on the training device.
+
+    ``x`` is the normalised augmented view 0 (crop + flip); ``views`` holds any extra views a
+    plugin asked for by name (e.g. ``"second"`` for a second crop+flip view, ``"strong"`` for
+    RandAugment + Cutout), normalised the same way. ``index`` are the dataset indices of the
+    samples (CRD's memory banks use them).
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+    views: dict[str, Tensor] = field(default_factory=dict)
+    epoch: int = 0  # 0-based
+    epochs: int = 1
+    step: int = 0  # global optimizer step, 0-based
+
+
+@dataclass
+class MethodSetup:
+    """Everything a student method may use to build itself.
+
+    ``student_out``/``teacher_out`` come from a dummy forward (batch of 2, eval mode) so modules
+    can be sized from the real shapes. ``teacher`` is frozen: never give it to an optimizer.
+    """
+
+    student: KDModel
+    teacher: KDModel | None
+    student_out: ModelOutput
+    teacher_out: ModelOutput | None
+    num_classes: int
+    num_train_samples: int
+    train_labels: Tensor
+    image_size: int
+    device: torch.device
+
+
+class StudentMethod(nn.Module):
+    """A distillation method: returns named, already-weighted (by its own internal weights) loss
+    terms; the recipe's per-method ``weight`` multiplies their sum.
+
+    Class attributes declare what the method needs:
+      * ``needs_teacher``: False only for the plain-CE student.
+      * ``views``: names of extra augmented views (see :class:`Batch`) the student and teacher
+        must also see; their outputs arrive in ``extra``.
+      * ``default_weight``: the weight used when the recipe gives none (from the method card).
+      * ``teacher_train_mode``: run the teacher in train mode (e.g. OFD's reference keeps the
+        teacher's BN in train mode). The teacher still receives no gradient.
+    """
+
+    needs_teacher: ClassVar[bool] = True
+    views: ClassVar[tuple[str, ...]] = ()
+    default_weight: ClassVar[float] = 1.0
+    teacher_train_mode: ClassVar[bool] = False
+
+    def forward(
+        self,
+        student: ModelOutput,
+        teacher: ModelOutput | None,
+        batch: Batch,
+        extra: dict[str, tuple[ModelOutput, ModelOutput | None]],
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Optional per-epoch statistics to record (read once per epoch)."""
+        return {}
+
+
+@dataclass
+class ObjectiveSetup:
+    model: KDModel
+    model_out: ModelOutput  # dummy forward, for sizing heads
+    num_classes: int
+    num_train_samples: int
+    image_size: int
+    device: torch.device
+
+
+class TeacherObjective(nn.Module):
+    """A teacher training objective: returns named loss terms (summed by the engine).
+
+    ``views``: extra augmented views needed (e.g. ``("second",)`` for a positive view); their
+    model outputs arrive in ``extra``. ``encode`` runs the teacher (with gradient, in the
+    current mode) on already-normalised images, for objectives that re-encode cached samples.
+    Persistent state must live in buffers or ``get_extra_state`` so it is checkpointed.
+    """
+
+    views: ClassVar[tuple[str, ...]] = ()
+
+    def forward(
+        self,
+        out: ModelOutput,
+        batch: Batch,
+        extra: dict[str, ModelOutput],
+        encode: Callable[[Tensor], ModelOutput],
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Optional per-epoch statistics (e.g. fraction of anchors passing a gate)."""
+        return {}
