@@ -1,0 +1,158 @@
+"""Command line: argument parsing only; the work happens in the modules it calls.
+
+Every error the user can fix (a :class:`kdbench.api.UserError`) prints one clear message and
+exits with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kdbench.api import UserError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"kdbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdbench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark.")
+    sub = p.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="train the teachers and students of a recipe")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--dry-run", action="store_true", help="print the grid, train nothing")
+    run.add_argument("--device", help="override the recipe's device (cpu, cuda, cuda:N, auto)")
+    run.add_argument("--output", type=Path, help="override the recipe's output folder")
+    run.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    run.add_argument("--plain", action="store_true", help="plain progress lines, no bars")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a recipe without running it")
+    val.add_argument("recipe", type=Path)
+    val.set_defaults(func=cmd_validate)
+
+    lst = sub.add_parser("list", help="every plugin found, by kind")
+    lst.set_defaults(func=cmd_list)
+
+    lb = sub.add_parser("leaderboard", help="markdown and CSV tables from the runs of a folder")
+    lb.add_argument("runs_dir", type=Path)
+    lb.add_argument("-o", "--output", type=Path, default=Path("leaderboard"))
+    lb.add_argument("--metric", choices=["final", "best"],
+                    help="which epoch to report (default: final)")
+    lb.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def _load(path: Path, check_device: bool = True):
+    from kdbench.recipe import load_recipe
+    from kdbench.registry import load_registry
+
+    registry = load_registry()
+    return registry, load_recipe(path, registry, check_device=check_device)
+
+
+def cmd_validate(args) -> int:
+    from kdbench.recipe import expand
+
+    registry, loaded = _load(args.recipe)
+    teachers, students = expand(loaded, registry)
+    print(f"{args.recipe}: ok ({len(teachers)} teacher runs, {len(students)} student runs)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kdbench.engine.runner import GridRunner
+    from kdbench.progress import make_progress
+
+    registry, loaded = _load(args.recipe, check_device=args.device is None)
+    if args.output:
+        loaded.recipe = loaded.recipe.model_copy(update={"output": str(args.output)})
+    progress = make_progress(force_plain=args.plain)
+    runner = GridRunner(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast)
+    if args.dry_run:
+        _print_plan(runner)
+        return 0
+    with progress:
+        summary = runner.run()
+    print(f"kdbench: {len(summary.done)} done, {len(summary.skipped)} skipped (already done), "
+          f"{len(summary.failed)} failed, {len(summary.diverged)} diverged; "
+          f"results in {loaded.output_dir}", file=sys.stderr)
+    for label, ids in (("failed", summary.failed), ("diverged", summary.diverged)):
+        for run_id in ids:
+            print(f"  {label}: {run_id}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _print_plan(runner) -> None:
+    plan = runner.plan()
+    teachers_done = sum(done for _, done in plan["teachers"])
+    students_done = sum(done for _, done in plan["students"])
+    print(f"recipe {runner.loaded.path} on {runner.device}; output {runner.loaded.output_dir}")
+    print(f"teachers: {len(plan['teachers'])} in the grid, {teachers_done} cached, "
+          f"{len(plan['teachers_needed'])} to train")
+    for spec, done in plan["teachers"]:
+        print(f"  {'cached' if done else 'train '} {spec.id}  {spec.describe}")
+    print(f"students: {len(plan['students'])} in the grid, {students_done} done, "
+          f"{len(plan['students']) - students_done} to train")
+    for spec, done in plan["students"]:
+        print(f"  {'done  ' if done else 'train '} {spec.id}  {spec.describe}"
+              + (f"  [teacher {spec.teacher.id}]" if spec.teacher else ""))
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kdbench.registry import KINDS, load_registry
+
+    registry = load_registry()
+    console = Console(width=140 if not sys.stdout.isatty() else None)
+    for kind, (_, label) in KINDS.items():
+        table = Table(title=label.capitalize(), title_justify="left", show_lines=False)
+        for col in ("name", "parameters (default)", "provided by", "help"):
+            table.add_column(col, overflow="fold")
+        for plugin in registry.all(kind):
+            params = ", ".join(f"{f.alias or name}={_default(f)}"
+                               for name, f in plugin.params.model_fields.items())
+            table.add_row(plugin.name, params or "—", f"{plugin.dist} {plugin.version}", plugin.help)
+        console.print(table)
+    if registry.broken:
+        table = Table(title="Plugins that failed to load", title_justify="left")
+        for col in ("entry point", "distribution", "error"):
+            table.add_column(col, overflow="fold")
+        for b in registry.broken:
+            table.add_row(b.entry_point, b.dist, b.error)
+        console.print(table)
+    return 0
+
+
+def _default(field) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "(required)"
+    return repr(field.default_factory() if field.default_factory else field.default)
+
+
+def cmd_leaderboard(args) -> int:
+    from kdbench.leaderboard import write_leaderboard
+
+    for path in write_leaderboard(args.runs_dir, args.output, metric=args.metric):
+        print(f"wrote {path}")
+    return 0

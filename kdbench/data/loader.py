@@ -1,0 +1,89 @@
+"""Device-resident data: the whole split lives on the training device as uint8; an epoch is one
+permutation on the device, and every batch is a gather + batched augmentation + normalisation.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from kdbench.api import Batch, ImageData
+from kdbench.data.augment import Normalizer, random_crop_flip
+
+
+def subset_per_class(data: ImageData, per_class: int | None, seed: int = 0) -> ImageData:
+    """The first ``per_class`` samples of every class, in a seeded random order (a small but
+    balanced version of a real dataset for tiny runs)."""
+    if per_class is None:
+        return data
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.labels), generator=g)
+    labels = data.labels[order]
+    keep = []
+    for c in range(data.num_classes):
+        keep.append(order[labels == c][:per_class])
+    idx = torch.cat(keep).sort().values
+    return ImageData(data.images[idx], data.labels[idx], data.num_classes, data.mean, data.std)
+
+
+def _strong_view(images: Tensor, generator: torch.Generator) -> Tensor:
+    from kdbench.data.strong_augment import strong_augment  # only the methods that ask pay for it
+
+    return strong_augment(random_crop_flip(images, generator), generator)
+
+
+# Named extra views a plugin may ask for (``views`` class attribute): uint8 in, uint8 out.
+VIEW_MAKERS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
+    "second": random_crop_flip,
+    "strong": _strong_view,
+}
+
+
+class DeviceData:
+    """One split on the device with its normaliser."""
+
+    def __init__(self, data: ImageData, device: torch.device):
+        self.images = data.images.to(device, non_blocking=True).contiguous()
+        self.labels = data.labels.to(device, non_blocking=True)
+        self.num_classes = data.num_classes
+        self.device = device
+        self.normalize = Normalizer(data.mean, data.std, device)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, views=(),
+                      epoch: int = 0, epochs: int = 1, first_step: int = 0) -> Iterator[Batch]:
+        """Shuffled, augmented batches. A last batch of a single sample is dropped (BatchNorm
+        cannot train on it); otherwise the last, smaller batch is kept, as the reference
+        DataLoaders (drop_last=False) do."""
+        n = len(self)
+        order = torch.randperm(n, device=self.device, generator=generator)
+        step = first_step
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            if index.shape[0] < 2:
+                break
+            raw = self.images[index]
+            batch = Batch(
+                x=self.normalize(random_crop_flip(raw, generator)),
+                y=self.labels[index],
+                index=index,
+                views={v: self.normalize(VIEW_MAKERS[v](raw, generator)) for v in views},
+                epoch=epoch,
+                epochs=epochs,
+                step=step,
+            )
+            yield batch
+            step += 1
+
+    def num_batches(self, batch_size: int) -> int:
+        n = len(self)
+        full, rest = divmod(n, batch_size)
+        return full + (1 if rest >= 2 else 0)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self), batch_size):
+            yield (self.normalize(self.images[start:start + batch_size]),
+                   self.labels[start:start + batch_size])

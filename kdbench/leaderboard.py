@@ -1,0 +1,182 @@
+"""Result records -> pandas -> markdown and CSV tables.
+
+One table per (recipe group, dataset): methods as rows, teacher→student pairs as columns,
+mean ± std over seeds with n, the best student row per column in bold, and — where the recipe
+names a reference table — the paper's number and the difference. Teacher rows come first and
+show the accuracy of the teachers the students of that column actually used.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from kdbench.api import UserError
+from kdbench.store import atomic_write_bytes, iter_records
+
+
+def load_reference(file: str | None = None) -> dict[tuple, float]:
+    if file:
+        text = Path(file).read_text()
+    else:
+        text = resources.files("kdbench").joinpath("references/paper-tables.csv").read_text()
+    rows = csv.DictReader(text.splitlines())
+    return {(r["table"], r["dataset"], r["teacher"], r["student"], r["method"]): float(r["top1"])
+            for r in rows}
+
+
+def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    teachers, students = {}, []
+    for rec in iter_records(runs_dir):
+        if rec.get("kind") == "teacher":
+            teachers[rec["id"]] = rec
+        elif rec.get("kind") == "student":
+            students.append(rec)
+    if not students:
+        raise UserError(f"{runs_dir}: no student records found (run `kdbench run RECIPE` first, "
+                        "and point the leaderboard at its output folder)")
+    rows = []
+    for rec in students:
+        m = rec["meta"]
+        ok = rec["status"] == "done"
+        rows.append({
+            "group": m["group"], "dataset": m["dataset"], "pair": m["pair"],
+            "pair_order": m["order"][0], "row_order": m["order"][1],
+            "method_set": m["method_set"], "objective": m.get("objective"),
+            "seed": rec["spec"]["seed"], "status": rec["status"],
+            "top1": rec[metric]["top1"] if ok else math.nan,
+            "teacher_id": rec.get("teacher_id"), "reference": m.get("reference"),
+            "ref_teacher": m.get("ref_teacher"), "ref_student": m.get("ref_student"),
+            "ref_method": m.get("ref_method"),
+        })
+    df = pd.DataFrame(rows)
+    trows = []
+    for key, sub in df.dropna(subset=["teacher_id"]).groupby(["group", "dataset", "pair", "objective"]):
+        for tid in sub["teacher_id"].unique():
+            t = teachers.get(tid)
+            if t is None:
+                continue
+            ok = t["status"] == "done"
+            trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
+                          "teacher_id": tid, "status": t["status"],
+                          "top1": t[metric]["top1"] if ok else math.nan,
+                          "diagnostics": t.get("diagnostics") or {}})
+    return df, pd.DataFrame(trows)
+
+
+def _cell(values: pd.Series, statuses: pd.Series) -> tuple[str, float]:
+    good = values.dropna()
+    bad = statuses[statuses != "done"].value_counts()
+    note = "".join(f" ({n} {s})" for s, n in bad.items())
+    if good.empty:
+        return ("—" + note if note else "—"), math.nan
+    mean = good.mean()
+    std = good.std(ddof=1) if len(good) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f} (n={len(good)}){note}", mean
+
+
+def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_file: str | None = None):
+    """Returns [(title, markdown, long-form rows)] per table."""
+    ref = None
+    out = []
+    for (group, dataset), sub in df.groupby(["group", "dataset"], sort=False):
+        pairs = sub.sort_values("pair_order")["pair"].drop_duplicates().tolist()
+        first = sub.iloc[0]
+        reference = first["reference"] if isinstance(first["reference"], dict) else None
+        if reference and ref is None:
+            ref = load_reference(reference_file or reference.get("file"))
+        # Row labels: the method set, qualified by the teacher objective when a set is used with
+        # several objectives in this table.
+        n_obj = sub.groupby("method_set")["objective"].nunique(dropna=False)
+        sub = sub.assign(row=[ms if n_obj[ms] <= 1 else f"{ms} ({o})"
+                              for ms, o in zip(sub["method_set"], sub["objective"])])
+        row_order = sub.sort_values("row_order")["row"].drop_duplicates().tolist()
+        lines, long_rows, means = {}, [], {}
+        tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
+        teacher_rows = []
+        if len(tsub):
+            for obj in tsub["objective"].drop_duplicates():
+                teacher_rows.append((f"Teacher ({obj})", tsub[tsub["objective"] == obj], "teacher"))
+        student_rows = [(r, sub[sub["row"] == r], None) for r in row_order]
+        for label, rows, fixed_method in teacher_rows + student_rows:
+            cells = []
+            for pair in pairs:
+                prow = rows[rows["pair"] == pair]
+                text, mean = _cell(prow["top1"], prow["status"]) if len(prow) else ("", math.nan)
+                refval = None
+                if reference and len(prow):
+                    srow = sub[sub["pair"] == pair].iloc[0]
+                    method = fixed_method or (rows.iloc[0]["ref_method"] if "ref_method" in rows else None)
+                    if method and srow["ref_teacher"] and srow["ref_student"]:
+                        refval = ref.get((reference["table"], reference["dataset"],
+                                          srow["ref_teacher"], srow["ref_student"], method))
+                if refval is not None and not math.isnan(mean):
+                    text += f" · paper {refval:.2f} (Δ {mean - refval:+.2f})"
+                elif refval is not None:
+                    text += f" · paper {refval:.2f}"
+                cells.append(text)
+                means[(label, pair)] = (mean, fixed_method is None)
+                long_rows.append({"group": group, "dataset": dataset, "row": label, "pair": pair,
+                                  "metric": metric, "mean": mean,
+                                  "std": prow["top1"].dropna().std(ddof=1) if prow["top1"].notna().sum() > 1 else 0.0,
+                                  "n": int(prow["top1"].notna().sum()), "paper": refval})
+            lines[label] = cells
+        # Bold the best student row per column.
+        for j, pair in enumerate(pairs):
+            cands = [(m, lbl) for (lbl, p), (m, is_student) in means.items()
+                     if p == pair and is_student and not math.isnan(m)]
+            if cands:
+                best = max(cands)[0]
+                for lbl, (m, is_student) in ((l, means[(l, pair)]) for l in lines):
+                    if is_student and m == best:
+                        lines[lbl][j] = f"**{lines[lbl][j]}**"
+        header = "| Method | " + " | ".join(pairs) + " |"
+        sep = "|---|" + "---|" * len(pairs)
+        body = [f"| {lbl} | " + " | ".join(cells) + " |" for lbl, cells in lines.items()]
+        title = f"{group} — {dataset}"
+        note = (f"Top-1 accuracy (%) at the **{metric}** epoch, mean ± sample std over seeds (n runs)."
+                + (f" Reference: {reference['table']} ({reference['dataset']}) of the paper; "
+                   "Δ = ours − paper." if reference else ""))
+        md = "\n".join([f"## {title}", "", note, "", header, sep, *body, ""])
+        if len(tsub):
+            md += "\n" + _diagnostics_table(tsub) + "\n"
+        out.append((title, md, long_rows))
+    return out
+
+
+def _diagnostics_table(tsub: pd.DataFrame) -> str:
+    rows = []
+    for (pair, obj), g in tsub.groupby(["pair", "objective"], sort=False):
+        diags = [d for d in g["diagnostics"] if d]
+        keys = [k for k in ("top1", "entropy", "nontarget_mass", "d_intra", "d_inter", "d_ratio")
+                if diags and k in diags[0]]
+        vals = {k: sum(d[k] for d in diags) / len(diags) for k in keys}
+        rows.append((pair, obj, len(g), vals))
+    keys = sorted({k for *_, v in rows for k in v}, key=["top1", "entropy", "nontarget_mass",
+                                                         "d_intra", "d_inter", "d_ratio"].index)
+    if not keys:
+        return ""
+    head = "| Teacher (pair) | Objective | n | " + " | ".join(keys) + " |"
+    sep = "|---|---|---|" + "---|" * len(keys)
+    body = [f"| {p} | {o} | {n} | " + " | ".join(f"{v.get(k, math.nan):.4g}" for k in keys) + " |"
+            for p, o, n, v in rows]
+    return "\n".join(["Teacher diagnostics (test set, mean over teachers):", "", head, sep, *body])
+
+
+def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
+                      reference_file: str | None = None) -> list[Path]:
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    if not runs_dir.exists():
+        raise UserError(f"{runs_dir}: runs folder does not exist")
+    metric = metric or "final"
+    df, tdf = collect(runs_dir, metric)
+    tables = build_tables(df, tdf, metric, reference_file)
+    md = "# kdbench leaderboard\n\n" + "\n".join(md for _, md, _ in tables)
+    written = [out_dir / "leaderboard.md", out_dir / "leaderboard.csv"]
+    atomic_write_bytes(written[0], md.encode())
+    long = pd.DataFrame([r for *_, rows in tables for r in rows])
+    atomic_write_bytes(written[1], long.to_csv(index=False).encode())
+    return written

@@ -1,0 +1,128 @@
+"""Run folders, result records and the teacher cache.
+
+Layout under a recipe's output folder (teachers may live in a shared cache folder)::
+
+    students/<run id>/record.json
+    teachers/<teacher id>/record.json, model.pt
+
+Every file is written atomically (temp file in the same folder, fsync, ``os.replace``), so a
+crash or a full disk leaves the previous good file intact, and nothing is ever appended to a
+file shared by several processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+RECORD = "record.json"
+WEIGHTS = "model.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class RunStore:
+    def __init__(self, output_dir: Path, teacher_dir: Path):
+        self.output_dir = Path(output_dir)
+        self.teacher_dir = Path(teacher_dir)
+
+    def run_dir(self, kind: str, run_id: str) -> Path:
+        return (self.teacher_dir if kind == "teacher" else self.output_dir / "students") / run_id
+
+    def record(self, kind: str, run_id: str) -> dict | None:
+        return read_json(self.run_dir(kind, run_id) / RECORD)
+
+    def is_done(self, kind: str, run_id: str) -> bool:
+        rec = self.record(kind, run_id)
+        if not rec or rec.get("status") != "done":
+            return False
+        return kind != "teacher" or (self.run_dir(kind, run_id) / WEIGHTS).exists()
+
+    def write_record(self, kind: str, run_id: str, record: dict) -> Path:
+        path = self.run_dir(kind, run_id) / RECORD
+        atomic_write_json(path, record)
+        return path
+
+    def save_weights(self, run_id: str, state_dict: dict) -> None:
+        atomic_torch_save(self.run_dir("teacher", run_id) / WEIGHTS, state_dict)
+
+    def load_weights(self, run_id: str, device: torch.device) -> dict:
+        return torch.load(self.run_dir("teacher", run_id) / WEIGHTS, map_location=device,
+                          weights_only=True)
+
+
+def iter_records(root: Path) -> Iterator[dict]:
+    """Every record.json below ``root`` (students and teachers, any depth)."""
+    for path in sorted(Path(root).rglob(RECORD)):
+        rec = read_json(path)
+        if rec is not None:
+            rec.setdefault("_path", str(path))
+            yield rec
+
+
+def provenance(device: torch.device, plugin_versions: dict[str, str]) -> dict:
+    import kdbench
+
+    info = {
+        "kdbench": kdbench.__version__,
+        "plugins": plugin_versions,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": _device_name(device),
+        "git_commit": _git_commit(),
+    }
+    return info
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

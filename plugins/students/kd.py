@@ -1,0 +1,39 @@
+"""KD — Hinton, Vinyals & Dean 2015, "Distilling the knowledge in a neural network".
+
+    L_KD = T² · (1/B) Σ_b KL( softmax(t_b / T) ‖ softmax(s_b / T) )
+
+KL summed over classes, averaged over the batch, scaled by T² so gradients keep their size
+across temperatures. Defaults from the method card: T = 4, weight 0.9 (the student's CE term,
+weight 0.1, is the separate ``ce`` method in the recipe).
+"""
+import torch.nn.functional as F
+from pydantic import Field
+
+from kdbench.api import Params, StudentMethod, hookimpl
+
+
+class KDParams(Params):
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T")
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float):
+    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+class KD(StudentMethod):
+    default_weight = 0.9
+
+    def __init__(self, params: KDParams, setup):
+        super().__init__()
+        self.temperature = params.temperature
+
+    def forward(self, student, teacher, batch, extra):
+        return {"kd": kd_loss(student.logits, teacher.logits, self.temperature)}
+
+
+@hookimpl
+def kdbench_register_student_methods(register):
+    register("kd", KD, params=KDParams, help="Hinton KD: KL between softened logits (T=4)")
