@@ -1,0 +1,207 @@
+"""VID (Ahn et al. 2019): Gaussian NLL vs numpy, trained variances, gradients, state."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput, UserError
+from kdbench_plugins.students.vid import VID, VIDParams
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------ stand-ins
+class TinyNet(KDModel):
+    def __init__(self, stem: int, chans, strides, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem))
+        convs, bns, c_in = [], [], stem
+        for c, s in zip(chans, strides):
+            convs.append(nn.Conv2d(c_in, c, 3, s, 1, bias=False))
+            bns.append(nn.BatchNorm2d(c))
+            c_in = c
+        self.convs, self.bns = nn.ModuleList(convs), nn.ModuleList(bns)
+        self.fc = nn.Linear(c_in, num_classes)
+        self.chans = list(chans)
+
+    def stage_channels(self):
+        return list(self.chans)
+
+    def bn_before_relu(self):
+        return list(self.bns)
+
+    def forward(self, x):
+        pre = self.stem(x)
+        out = F.relu(pre)
+        feats, preacts = [out], [pre]
+        for conv, bn in zip(self.convs, self.bns):
+            pre = bn(conv(out))
+            out = F.relu(pre)
+            feats.append(out)
+            preacts.append(pre)
+        pooled = out.mean((2, 3))
+        return ModelOutput(self.fc(pooled), feats, preacts, pooled)
+
+
+def make_setup(student_out, teacher_out, student=None, teacher=None, n=10):
+    return MethodSetup(student=student, teacher=teacher, student_out=student_out,
+                       teacher_out=teacher_out, num_classes=5, num_train_samples=n,
+                       train_labels=torch.arange(n) % 5, image_size=8, device=torch.device("cpu"))
+
+
+def fake_out(shapes, gen):
+    feats = [torch.rand(*s, generator=gen) for s in shapes]
+    return ModelOutput(torch.zeros(shapes[0][0], 5), feats, feats, feats[-1].mean((2, 3)))
+
+
+def batch_of(n):
+    return Batch(x=torch.zeros(n, 3, 8, 8), y=torch.zeros(n, dtype=torch.long),
+                 index=torch.arange(n))
+
+
+# ------------------------------------------------------------------------------ numpy reference
+def np_block_mean(x, out_hw):
+    n, c, h, w = x.shape
+    f = h // out_hw
+    return x.reshape(n, c, out_hw, f, out_hw, f).mean(axis=(3, 5))
+
+
+def np_vid_layer(s, t, ws, alpha, eps):
+    """-log N(t | r(s), diag var) per element without the ½ log 2π constant, averaged."""
+    if s.shape[2] > t.shape[2]:
+        s = np_block_mean(s, t.shape[2])
+    elif s.shape[2] < t.shape[2]:
+        t = np_block_mean(t, s.shape[2])
+    h = s
+    for k, w in enumerate(ws):  # conv1x1 without bias = channel mixing at every position
+        h = np.einsum("oc,nchw->nohw", w, h)
+        if k < 2:
+            h = np.maximum(h, 0.0)
+    var = np.log1p(np.exp(alpha)) + eps
+    total, count = 0.0, 0
+    n, c, hh, ww = t.shape
+    for b in range(n):
+        for ch in range(c):
+            for i in range(hh):
+                for j in range(ww):
+                    err2 = (t[b, ch, i, j] - h[b, ch, i, j]) ** 2
+                    total += 0.5 * (math.log(var[ch]) + err2 / var[ch])
+                    count += 1
+    return total / count
+
+
+# ------------------------------------------------------------------------------ tests
+def test_initial_variance_and_registration():
+    gen = torch.Generator().manual_seed(0)
+    s_out = fake_out([(2, 2, 8, 8), (2, 3, 8, 8), (2, 4, 4, 4)], gen)
+    t_out = fake_out([(2, 2, 8, 8), (2, 5, 8, 8), (2, 6, 4, 4)], gen)
+    m = VID(VIDParams(), make_setup(s_out, t_out))
+    assert len(m.regressors) == 2 and m.s_idx == [1, 2] and m.t_idx == [1, 2]
+    for v, c in zip(m.variances(), (5, 6)):
+        assert v.shape == (c,)
+        assert torch.allclose(v, torch.full((c,), 5.0), atol=1e-5)
+    names = {n for n, _ in m.named_parameters()}
+    assert {"log_scales.0", "log_scales.1"} <= names  # registered: trained and checkpointed
+    assert "log_scales.0" in m.state_dict()
+    convs = [mod for mod in m.regressors[0] if isinstance(mod, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.bias) for c in convs] == [(3, 5, None), (5, 5, None),
+                                                                         (5, 5, None)]
+
+
+def test_loss_matches_numpy():
+    gen = torch.Generator().manual_seed(1)
+    # layer 1: student map larger (8x8 vs 4x4); layer 2: teacher map larger (4x4 vs 2x2)
+    s_out = fake_out([(3, 2, 8, 8), (3, 3, 8, 8), (3, 4, 2, 2)], gen)
+    t_out = fake_out([(3, 2, 8, 8), (3, 5, 4, 4), (3, 6, 4, 4)], gen)
+    torch.manual_seed(0)
+    m = VID(VIDParams(), make_setup(s_out, t_out))
+    with torch.no_grad():  # variances away from their initial value, different per channel
+        for a in m.log_scales:
+            a.copy_(torch.randn(a.shape, generator=gen))
+    terms = m(s_out, t_out, batch_of(3), {})
+    assert set(terms) == {"vid"}
+    want = 0.0
+    for layer, (i, reg) in enumerate(zip((1, 2), m.regressors)):
+        convs = [c for c in reg if isinstance(c, nn.Conv2d)]
+        ws = [c.weight.detach().double().numpy()[:, :, 0, 0] for c in convs]
+        want += np_vid_layer(s_out.feats[i].double().numpy(), t_out.feats[i].double().numpy(), ws,
+                             m.log_scales[layer].detach().double().numpy(), 1e-5)
+    assert terms["vid"].item() == pytest.approx(want, rel=1e-5)
+    assert VID.default_weight == 1.0
+
+
+def test_layer_selection():
+    gen = torch.Generator().manual_seed(2)
+    s_out = fake_out([(2, 2, 8, 8), (2, 3, 8, 8), (2, 4, 4, 4)], gen)
+    t_out = fake_out([(2, 2, 8, 8), (2, 5, 8, 8), (2, 6, 4, 4), (2, 7, 2, 2)], gen)
+    m = VID(VIDParams(), make_setup(s_out, t_out))  # 2 student stages vs 3: deepest paired
+    assert (m.s_idx, m.t_idx) == ([1, 2], [2, 3])
+    m = VID(VIDParams(layers=[2]), make_setup(s_out, t_out))
+    assert (m.s_idx, m.t_idx) == ([2], [3])
+    m = VID(VIDParams(layers=[1], teacher_layers=[1]), make_setup(s_out, t_out))
+    assert (m.s_idx, m.t_idx) == ([1], [1]) and m.regressors[0][0].out_channels == 5
+    with pytest.raises(UserError):
+        VID(VIDParams(layers=[5]), make_setup(s_out, t_out))
+    with pytest.raises(UserError):
+        VID(VIDParams(layers=[1, 2], teacher_layers=[1]), make_setup(s_out, t_out))
+
+
+def test_gradients_and_variance_is_trained():
+    torch.manual_seed(0)
+    student = TinyNet(4, [6, 8], [1, 2])
+    teacher = TinyNet(4, [8, 12], [2, 1])
+    x = torch.randn(2, 3, 8, 8)
+    student.eval(), teacher.eval()
+    with torch.no_grad():
+        setup = make_setup(student(x), teacher(x), student, teacher)
+    method = VID(VIDParams(), setup)
+    student.train(), method.train()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        t_out = teacher(x)
+    s_out = student(x)
+    loss = sum(method(s_out, t_out, batch_of(4), {}).values())
+    loss.backward()
+    for name, p in student.named_parameters():
+        if name.startswith("fc."):
+            assert p.grad is None
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    for name, p in method.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    for p in teacher.parameters():
+        assert p.requires_grad and p.grad is None
+    # the engine hands method.parameters() to the optimizer: one step moves the variances
+    before = [v.clone() for v in method.variances()]
+    torch.optim.SGD(method.parameters(), lr=0.1).step()
+    assert all(not torch.allclose(a, b) for a, b in zip(before, method.variances()))
+
+
+def test_state_round_trip():
+    gen = torch.Generator().manual_seed(3)
+    s_out = fake_out([(2, 2, 8, 8), (2, 3, 8, 8), (2, 4, 4, 4)], gen)
+    t_out = fake_out([(2, 2, 8, 8), (2, 5, 8, 8), (2, 6, 4, 4)], gen)
+    setup = make_setup(s_out, t_out)
+    torch.manual_seed(0)
+    a = VID(VIDParams(), setup)
+    with torch.no_grad():
+        for p in a.log_scales:
+            p.add_(torch.randn(p.shape, generator=gen))
+    want = a(s_out, t_out, batch_of(2), {})["vid"]
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    torch.manual_seed(1)
+    b = VID(VIDParams(), setup)
+    assert not torch.equal(b(s_out, t_out, batch_of(2), {})["vid"], want)
+    b.load_state_dict(state)
+    assert torch.equal(b(s_out, t_out, batch_of(2), {})["vid"], want)
+    for x, y in zip(a.log_scales, b.log_scales):
+        assert torch.equal(x, y)
