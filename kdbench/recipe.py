@@ -295,18 +295,18 @@ def load_recipe(path: str | Path, registry: Registry, check_device: bool = True)
 
     locate = _Locator(text)
     problems: list[str] = []
+    recipe = None
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        for err in exc.errors():
-            problems.append(_describe(err, raw, locate, Recipe))
-        raise RecipeError(path, problems) from None
-
-    problems += _check_plugins(recipe, registry, locate)
-    if check_device:
-        problems += _check_device(recipe.device, locate)
-    if problems:
-        raise RecipeError(path, problems)
+        problems += [_describe(err, raw, locate, Recipe) for err in exc.errors()]
+    # Plugin names and parameters are checked on the raw tables, so that they are reported
+    # together with any schema problem elsewhere in the file.
+    problems += _check_plugins(raw, registry, locate)
+    if check_device and isinstance(raw.get("device", "auto"), str):
+        problems += _check_device(raw.get("device", "auto"), locate)
+    if problems or recipe is None:
+        raise RecipeError(path, list(dict.fromkeys(problems)))
     return LoadedRecipe(path, recipe, text)
 
 
@@ -327,35 +327,42 @@ def _check_device(device: str, locate: "_Locator") -> list[str]:
     return []
 
 
-def _check_plugins(recipe: Recipe, registry: Registry, locate: "_Locator") -> list[str]:
+def _check_plugins(raw: dict, registry: Registry, locate: "_Locator") -> list[str]:
     problems = []
 
-    def check(kind: str, name: str, params: dict, path: tuple, core_keys: set[str]):
+    def check(kind: str, table: Any, path: tuple, spec: type[BaseModel]):
+        if isinstance(table, str) and kind == "model":
+            table = {"name": table}
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            return  # the schema check reports it
         try:
-            plugin = registry.find(kind, name)
+            plugin = registry.find(kind, table["name"])
         except UserError as exc:
             problems.append(f"{locate(path + ('name',))}{_dotted(path + ('name',))}: {exc}")
             return
+        params = {k: v for k, v in table.items() if k not in spec.model_fields}
         try:
             plugin.params.model_validate(params)
         except ValidationError as exc:
             for err in exc.errors():
                 problems.append(_describe(err, params, locate, plugin.params, prefix=path,
-                                          extra_keys=core_keys, plugin=plugin.name))
+                                          extra_keys=set(spec.model_fields), plugin=plugin.name))
 
-    ds = recipe.dataset
-    check("dataset", ds.name, ds.params, ("dataset",), set(DatasetSpec.model_fields))
-    for i, pair in enumerate(recipe.pairs):
+    def items(key):
+        value = raw.get(key)
+        return list(enumerate(value)) if isinstance(value, list) else []
+
+    check("dataset", raw.get("dataset"), ("dataset",), DatasetSpec)
+    for i, pair in items("pairs"):
         for role in ("teacher", "student"):
-            ref = getattr(pair, role)
-            check("model", ref.name, ref.params, ("pairs", i, role), set(ModelRef.model_fields))
-    for i, obj in enumerate(recipe.teacher_objectives):
-        check("teacher_objective", obj.name, obj.params, ("teacher_objectives", i),
-              set(TeacherObjectiveSpec.model_fields))
-    for i, ms in enumerate(recipe.method_sets):
-        for j, term in enumerate(ms.methods):
-            check("student_method", term.name, term.params, ("method_sets", i, "methods", j),
-                  set(MethodTerm.model_fields))
+            if isinstance(pair, dict):
+                check("model", pair.get(role), ("pairs", i, role), ModelRef)
+    for i, obj in items("teacher_objectives"):
+        check("teacher_objective", obj, ("teacher_objectives", i), TeacherObjectiveSpec)
+    for i, ms in items("method_sets"):
+        methods = ms.get("methods") if isinstance(ms, dict) else None
+        for j, term in enumerate(methods if isinstance(methods, list) else []):
+            check("student_method", term, ("method_sets", i, "methods", j), MethodTerm)
     return problems
 
 
@@ -481,16 +488,15 @@ class _Locator:
         return self._find_keys(list(path), 0, len(self.lines))
 
     def _find_keys(self, path: list, start: int, end: int) -> int | None:
-        keys = [p for p in path if isinstance(p, str)]
-        if not keys:
-            return None
-        # Search for the deepest key first; then fall back to its parents.
-        for key in reversed(keys):
-            pat = re.compile(r"(^|[\s{,])" + re.escape(key) + r"\s*=")
-            ints = [p for p in path if isinstance(p, int)]
-            hits = [i for i in range(start, end) if pat.search(self.lines[i])]
-            if hits:
-                # With an index (inline arrays), prefer the n-th occurrence of the key.
-                n = ints[-1] if ints and len(hits) > ints[-1] else 0
-                return hits[n] + 1
-        return None
+        """Walk the keys outer to inner, each at or after the line of the previous one."""
+        found = None
+        line = start
+        for part in path:
+            if isinstance(part, int):
+                continue
+            pat = re.compile(r"(^|[\s{,.])" + re.escape(part) + r"\s*[=.]")
+            hit = next((i for i in range(line, end) if pat.search(self.lines[i])), None)
+            if hit is None:
+                break
+            found = line = hit
+        return None if found is None else found + 1

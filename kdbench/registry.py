@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Iterable
@@ -73,7 +74,7 @@ class Registry:
         dist, _, short = name.rpartition(":")
         candidates = self.plugins[kind].get(short, [])
         if dist:
-            candidates = [p for p in candidates if p.dist == dist]
+            candidates = [p for p in candidates if normalize_dist(p.dist) == normalize_dist(dist)]
         if len(candidates) == 1:
             return candidates[0]
         label = KINDS[kind][1][:-1] if kind != "student_method" else "student method"
@@ -97,12 +98,20 @@ class Registry:
         return {p.dist: p.version for k in KINDS for p in self.all(k)}
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def normalize_dist(name: str) -> str:
+    """PEP 503 normalisation: 'kdbench_Example' and 'kdbench-example' are one distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _entry_points() -> list[metadata.EntryPoint]:
     eps = list(metadata.entry_points(group=GROUP))
     only = os.environ.get(ONLY_DISTS_ENV)
     if only:
-        keep = {d.strip() for d in only.split(",") if d.strip()}
-        eps = [ep for ep in eps if ep.dist is not None and ep.dist.name in keep]
+        keep = {normalize_dist(d.strip()) for d in only.split(",") if d.strip()}
+        eps = [ep for ep in eps if ep.dist is not None and normalize_dist(ep.dist.name) in keep]
     # Deduplicate (the same dist can appear twice on sys.path, e.g. editable + build dir).
     seen, unique = set(), []
     for ep in eps:
@@ -129,28 +138,42 @@ def load_registry(entry_points: Iterable[metadata.EntryPoint] | None = None) -> 
         except Exception as exc:  # a broken third-party plugin must not take the others down
             reg.broken.append(BrokenPlugin(f"{ep.name} = {ep.value}", dist, _one_line(exc)))
             continue
-        provider[plugin_name] = (dist, version)
+        hooks = {caller.name for caller in pm.get_hookcallers(module) or []}
+        if not hooks & {hook for hook, _ in KINDS.values()}:
+            reg.broken.append(BrokenPlugin(f"{ep.name} = {ep.value}", dist,
+                                           "no kdbench hooks found (missing @hookimpl, or a "
+                                           "misspelled hook name? see kdbench/hookspecs.py)"))
+            continue
+        provider[plugin_name] = (dist, version, f"{ep.name} = {ep.value}")
 
     for kind, (hook_name, _) in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            dist, version = provider[impl.plugin_name]
-            register = _make_register(reg, kind, dist, version, impl.plugin_name)
+            if impl.plugin_name not in provider:
+                continue
+            dist, version, ep_text = provider[impl.plugin_name]
+            staged: list[Plugin] = []
             try:
-                impl.function(register=register)
+                impl.function(register=_make_register(staged, kind, dist, version, ep_text))
+                for plugin in staged:  # only a hook that completed registers anything
+                    existing = reg.plugins[kind].setdefault(plugin.name, [])
+                    if any(p.dist == dist for p in existing):
+                        raise ValueError(f"{kind} {plugin.name!r} registered twice by {dist}")
+                    existing.append(plugin)
             except Exception as exc:
-                reg.broken.append(BrokenPlugin(impl.plugin_name, dist, _one_line(exc)))
+                reg.broken.append(BrokenPlugin(ep_text, dist, _one_line(exc)))
     return reg
 
 
-def _make_register(reg: Registry, kind: str, dist: str, version: str, module: str):
+def _make_register(staged: list[Plugin], kind: str, dist: str, version: str, module: str):
     def register(name: str, factory: Callable[..., Any], params: type[Params] = NoParams,
                  help: str = "") -> None:
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ValueError(f"invalid plugin name {name!r}: use letters, digits, '_', '.', '-'")
         if not (isinstance(params, type) and issubclass(params, Params)):
             raise TypeError(f"{name}: params must be a kdbench.api.Params subclass")
-        existing = reg.plugins[kind].setdefault(name, [])
-        if any(p.dist == dist for p in existing):
+        if any(p.name == name for p in staged):
             raise ValueError(f"{kind} {name!r} registered twice by {dist}")
-        existing.append(Plugin(kind, name, factory, params, help, dist, version, module))
+        staged.append(Plugin(kind, name, factory, params, help, dist, version, module))
 
     return register
 

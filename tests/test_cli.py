@@ -1,0 +1,80 @@
+"""End to end through the CLI: run, rerun (idempotent), add a seed, dry run, leaderboard."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from kdbench.cli import main
+
+
+def _records(root: Path, kind: str) -> dict[str, dict]:
+    sub = "teachers" if kind == "teacher" else "students"
+    return {p.parent.name: json.loads(p.read_text()) for p in (root / sub).glob("*/record.json")}
+
+
+def test_run_rerun_add_seed_and_leaderboard(tiny_recipe, tmp_path, capsys):
+    recipe = tiny_recipe(seeds=(0,))
+    assert main(["run", str(recipe), "--plain"]) == 0
+    runs = tmp_path / "runs"
+    teachers, students = _records(runs, "teacher"), _records(runs, "student")
+    assert len(teachers) == 1 and len(students) == 2
+    for rec in [*teachers.values(), *students.values()]:
+        assert rec["status"] == "done"
+        assert set(rec["final"]) == {"top1", "top5", "epoch"} and set(rec["best"]) == {"top1", "top5", "epoch"}
+        assert rec["provenance"]["torch"] and rec["provenance"]["kdbench"]
+        assert rec["wall_time_s"] > 0
+        assert len(rec["epochs"]) == rec["spec"]["schedule"]["epochs"]
+    kd = next(r for r in students.values() if r["meta"]["method_set"] == "KD")
+    assert kd["teacher_id"] in teachers
+    assert {m["name"]: m["weight"] for m in kd["spec"]["methods"]} == {"ce": 0.1, "kd": 0.9}
+    assert "loss_kd" in kd["epochs"][0] and "loss_ce" in kd["epochs"][0]
+    assert (runs / "teachers" / kd["teacher_id"] / "model.pt").exists()
+
+    # Rerun: nothing retrained, records untouched.
+    mtimes = {p: p.stat().st_mtime_ns for p in runs.rglob("record.json")}
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--plain"]) == 0
+    assert "0 done, 2 skipped" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("record.json")} == mtimes
+
+    # Adding a seed runs only the new cells (one new teacher, two new students).
+    recipe = tiny_recipe(seeds=(0, 1))
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "teachers: 2 in the grid, 1 cached, 1 to train" in plan
+    assert "students: 4 in the grid, 2 done, 2 to train" in plan
+    assert main(["run", str(recipe), "--plain"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert len(_records(runs, "student")) == 4 and len(_records(runs, "teacher")) == 2
+
+    out = tmp_path / "lb"
+    assert main(["leaderboard", str(runs), "-o", str(out)]) == 0
+    md = (out / "leaderboard.md").read_text()
+    assert "| Method | T→S |" in md
+    assert "Teacher (ce)" in md and "(n=2)" in md and "**" in md
+    assert "paper 76.60" in md and "paper 76.40" in md and "paper 76.89" in md  # Table 1 WRN column
+    assert "final" in md
+    assert (out / "leaderboard.csv").read_text().startswith("group,dataset,row,pair")
+
+
+def test_same_recipe_and_seed_gives_same_numbers(tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "a")]) == 0
+    assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "b")]) == 0
+    for kind in ("teacher", "student"):
+        a, b = _records(tmp_path / "a", kind), _records(tmp_path / "b", kind)
+        assert a.keys() == b.keys()
+        for k in a:
+            strip = lambda eps: [{x: v for x, v in e.items()} for e in eps]
+            assert strip(a[k]["epochs"]) == strip(b[k]["epochs"])
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = not [toml")
+    for args in (["validate", str(bad)], ["run", str(tmp_path / "missing.toml")],
+                 ["leaderboard", str(tmp_path / "nothing")]):
+        proc = subprocess.run([sys.executable, "-m", "kdbench", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("kdbench: error: ")
