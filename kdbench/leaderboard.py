@@ -147,16 +147,19 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
     return out
 
 
+# Diagnostics shown in the teacher table (kdbench.diagnostics): accuracy, soft-label entropy and
+# non-target mass at the distillation temperature, and the Section 4.2 distances.
+DIAGNOSTICS = ("top1", "entropy_T", "nontarget_mass_T", "d_intra", "d_inter", "d_intra_over_inter")
+
+
 def _diagnostics_table(tsub: pd.DataFrame) -> str:
     rows = []
     for (pair, obj), g in tsub.groupby(["pair", "objective"], sort=False):
         diags = [d for d in g["diagnostics"] if d]
-        keys = [k for k in ("top1", "entropy", "nontarget_mass", "d_intra", "d_inter", "d_ratio")
-                if diags and k in diags[0]]
+        keys = [k for k in DIAGNOSTICS if diags and k in diags[0]]
         vals = {k: sum(d[k] for d in diags) / len(diags) for k in keys}
         rows.append((pair, obj, len(g), vals))
-    keys = sorted({k for *_, v in rows for k in v}, key=["top1", "entropy", "nontarget_mass",
-                                                         "d_intra", "d_inter", "d_ratio"].index)
+    keys = [k for k in DIAGNOSTICS if any(k in v for *_, v in rows)]
     if not keys:
         return ""
     head = "| Teacher (pair) | Objective | n | " + " | ".join(keys) + " |"
