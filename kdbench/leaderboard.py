@@ -74,8 +74,9 @@ def _cell(values: pd.Series, statuses: pd.Series) -> tuple[str, float]:
     if good.empty:
         return ("—" + note if note else "—"), math.nan
     mean = good.mean()
-    std = good.std(ddof=1) if len(good) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f} (n={len(good)}){note}", mean
+    if len(good) == 1:  # no spread to show from a single run
+        return f"{mean:.2f} (n=1){note}", mean
+    return f"{mean:.2f} ± {good.std(ddof=1):.2f} (n={len(good)}){note}", mean
 
 
 def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_file: str | None = None):
