@@ -1,0 +1,262 @@
+"""Every student method on every paper teacher -> student pair, through the real registry and the
+engine's own pieces (build_model, dummy_forward, MethodSetup as GridRunner._train_student builds
+it, StudentTask, DeviceData.train_batches, make_optimizer, autocast): one training step each.
+
+Models are thin copies (``width_mult`` 0.125-0.25: same depth, stages and feature protocol as the
+published nets) so the whole file stays fast on a CPU. Only the kdbench distribution's plugins
+are loaded (``KDBENCH_ONLY_DISTS=kdbench``).
+
+The teacher is built as ``GridRunner.load_teacher`` leaves it (eval mode, not in any optimizer)
+*except* that its parameters keep ``requires_grad=True``: the runner's ``requires_grad_(False)``
+would make "the teacher gets no gradient" true by construction; here it has to hold because
+StudentTask runs the teacher under ``no_grad`` and no method calls teacher modules with grad.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdbench.api import ImageData, MethodSetup
+from kdbench.data.loader import DeviceData
+from kdbench.engine.loop import autocast, make_optimizer
+from kdbench.engine.runner import StudentTask, build_model, data_generator, dummy_forward
+from kdbench.recipe import Schedule
+from kdbench.registry import ONLY_DISTS_ENV, load_registry
+
+torch.set_num_threads(1)
+
+DEVICE = torch.device("cpu")
+PRECISION = "auto"  # the recipe default (fp32 on the CPU)
+NUM_CLASSES, NUM_IMAGES, BATCH = 5, 8, 4
+# A mid-training step: ReviewKD's warm-up factor min(epoch / 20, 1) is 0 at epoch 0, which would
+# make its loss (and every gradient check below) vacuous.
+EPOCH, EPOCHS = 20, 240
+# Thin nets; the CIFAR ResNets keep full resolution through their first stage (no stem
+# downsampling), so they get the thinnest copies. mobilenetv2's own default is 0.5.
+WIDTH = {"resnet50": 0.125, "resnet34": 0.125}
+DEFAULT_WIDTH = 0.25
+
+PAIRS = [  # (teacher, student): the CIFAR-100 pairs of the papers' tables
+    ("resnet50", "resnet34"),
+    ("wrn_40_2", "wrn_16_2"),
+    ("vgg13", "vgg8"),
+    ("resnet50", "mobilenetv2"),
+    ("vgg13", "mobilenetv2"),
+    ("wrn_40_2", "shufflenetv2"),
+]
+SIZES = [32, 64]
+
+# The terms each method returns (checked exactly in the combination tests).
+TERMS = {
+    "ce": {"ce"},
+    "kd": {"kd"},
+    "fitnet": {"fitnet"},
+    "rkd": {"rkd_distance", "rkd_angle"},
+    "crd": {"crd"},
+    "ofd": {"ofd"},
+    "reviewkd": {"reviewkd"},
+    "vid": {"vid"},
+    "mlld": {f"mlld_{lvl}_{v}" for lvl in ("instance", "batch", "class")
+             for v in ("weak", "strong")} | {"mlld_ce_strong"},
+}
+
+
+def _load_registry():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ONLY_DISTS_ENV, "kdbench")
+        return load_registry()
+
+
+# Collected from the registry itself, so a newly registered method is tested automatically.
+METHODS = [n for n in _load_registry().names("student_method") if n != "ce"]
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = _load_registry()
+    assert not reg.broken, reg.broken
+    return reg
+
+
+def test_every_method_has_expected_terms():
+    assert set(METHODS) | {"ce"} == set(TERMS), "update TERMS for the new/removed method"
+
+
+# ------------------------------------------------------------------------------------- helpers
+def tiny_data(size: int, seed: int = 0) -> DeviceData:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (NUM_IMAGES, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(NUM_IMAGES) % NUM_CLASSES
+    data = ImageData(images, labels, NUM_CLASSES, (0.5, 0.48, 0.44), (0.25, 0.24, 0.26))
+    return DeviceData(data, DEVICE)
+
+
+def model_spec(name: str) -> dict:
+    return {"name": name, "params": {"width_mult": WIDTH.get(name, DEFAULT_WIDTH)}}
+
+
+def build_teacher(registry, name: str, train: DeviceData):
+    """As GridRunner.load_teacher (minus the weights file), parameters left requiring grad."""
+    model = build_model(registry, model_spec(name), train.num_classes).to(DEVICE)
+    model.eval()
+    return model
+
+
+def build_student_task(registry, student_spec: dict, teacher, method_specs: list[dict],
+                       train: DeviceData, device: torch.device) -> StudentTask:
+    """GridRunner._train_student up to ``fit`` (student, MethodSetup, methods, StudentTask),
+    copied line for line (the runner has no function for it; see the report's refactor)."""
+    student = build_model(registry, student_spec, train.num_classes).to(device)
+    setup = MethodSetup(student=student, teacher=teacher, student_out=dummy_forward(student, train),
+                        teacher_out=dummy_forward(teacher, train) if teacher is not None else None,
+                        num_classes=train.num_classes, num_train_samples=len(train),
+                        train_labels=train.labels, image_size=int(train.images.shape[-1]),
+                        device=device)
+    methods = []
+    for term in method_specs:
+        plugin = registry.find("student_method", term["name"])
+        method = plugin.factory(plugin.params.model_validate(term["params"]), setup)
+        methods.append((term["name"], term["weight"], method.to(device)))
+    return StudentTask(student, teacher, methods)
+
+
+def method_specs(registry, names: list[str]) -> list[dict]:
+    """ce at 0.1 (the Hinton-KD convention) + each method at its card's default weight."""
+    specs = [{"name": "ce", "weight": 0.1, "params": {}}]
+    for n in names:
+        weight = registry.find("student_method", n).factory.default_weight
+        specs.append({"name": n, "weight": weight, "params": {}})
+    return specs
+
+
+def optimizer_params(task: StudentTask):
+    """What ``fit`` hands to the optimizer."""
+    return [p for m in task.modules() for p in m.parameters() if p.requires_grad]
+
+
+def first_batch(task: StudentTask, train: DeviceData, step: int = 0):
+    gen = data_generator(0, DEVICE)
+    return next(train.train_batches(BATCH, gen, task.views, EPOCH, EPOCHS, step))
+
+
+def step_terms(task: StudentTask, batch):
+    for m in task.modules():
+        m.train()
+    with autocast(DEVICE, PRECISION):
+        terms, logits = task.loss_terms(batch)
+        loss = sum(terms.values())
+    return terms, logits, loss
+
+
+def _bad_grads(named_params) -> list[str]:
+    return [n for n, p in named_params if p.grad is None or not torch.isfinite(p.grad).all()]
+
+
+# ------------------------------------------------------------------------------ one step each
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("teacher_name,student_name", PAIRS, ids=[f"{t}-{s}" for t, s in PAIRS])
+@pytest.mark.parametrize("method_name", METHODS)
+def test_method_pair_one_step(registry, method_name, teacher_name, student_name, size):
+    torch.manual_seed(0)
+    train = tiny_data(size)
+    teacher = build_teacher(registry, teacher_name, train)
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    task = build_student_task(registry, model_spec(student_name), teacher,
+                              method_specs(registry, [method_name]), train, DEVICE)
+    student = task.student
+    _, weight, method = task.methods[1]
+
+    # What the optimizer gets: student + method, no teacher parameter, no duplicates.
+    params = optimizer_params(task)
+    ids = [id(p) for p in params]
+    assert len(ids) == len(set(ids)), "a parameter is handed to the optimizer twice"
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & set(ids), "a teacher parameter would be trained"
+    student_ids = {id(p) for p in student.parameters()}
+    own = [(n, p) for n, p in method.named_parameters() if id(p) not in student_ids]
+    optimizer, _ = make_optimizer(params, Schedule(epochs=1, batch_size=BATCH, lr=0.01), DEVICE)
+
+    batch = first_batch(task, train)
+    assert set(batch.views) == set(method.views)
+    terms, logits, loss = step_terms(task, batch)
+
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert set(terms) == TERMS["ce"] | TERMS[method_name]
+    for k, v in terms.items():
+        assert v.dim() == 0 and math.isfinite(v.item()), (k, v)
+    assert math.isfinite(loss.item())
+
+    # The method's own terms must reach the student (not only through the CE term).
+    method_loss = sum(terms[k] for k in TERMS[method_name])
+    assert method_loss.requires_grad, f"{method_name}'s terms do not depend on the student"
+    s_params = [p for p in student.parameters() if p.requires_grad]
+    g = torch.autograd.grad(method_loss, s_params, retain_graph=True, allow_unused=True)
+    assert any(x is not None and x.abs().sum() > 0 for x in g), \
+        f"{method_name} gives the student no gradient"
+    assert all(x is None or torch.isfinite(x).all() for x in g)
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    assert not [n for n, p in teacher.named_parameters() if p.grad is not None], \
+        "gradient reached the teacher"
+    assert not _bad_grads(student.named_parameters()), "student params without finite grad"
+    if own:
+        bad = _bad_grads(own)
+        assert not bad, f"{method_name} params without finite grad: {bad}"
+        assert any(p.grad.abs().sum() > 0 for _, p in own), f"{method_name} params get zero grad"
+
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(b, p) for b, p in zip(before, params)), "SGD step changed nothing"
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, teacher_before[n]), f"teacher parameter {n} changed"
+
+
+# ------------------------------------------------------------------------------ combinations
+class ForwardCounter:
+    def __init__(self, *models):
+        self.calls = {id(m): 0 for m in models}
+        self.handles = [m.register_forward_hook(self._hook) for m in models]
+
+    def _hook(self, module, args, output):
+        self.calls[id(module)] += 1
+
+    def __getitem__(self, model):
+        return self.calls[id(model)]
+
+
+COMBOS = [["kd", "rkd"], ["kd", "crd"], ["kd", "mlld", "fitnet"], "all"]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: c if isinstance(c, str) else "+".join(c))
+def test_method_combination_shares_forwards(registry, combo):
+    names = METHODS if combo == "all" else combo
+    torch.manual_seed(0)
+    train = tiny_data(32)
+    teacher = build_teacher(registry, "wrn_40_2", train)
+    task = build_student_task(registry, model_spec("wrn_16_2"), teacher,
+                              method_specs(registry, names), train, DEVICE)
+    expected_views = tuple(dict.fromkeys(v for n in names
+                                         for v in registry.find("student_method", n).factory.views))
+    assert task.views == expected_views
+    optimizer, _ = make_optimizer(optimizer_params(task),
+                                  Schedule(epochs=1, batch_size=BATCH, lr=0.01), DEVICE)
+    counter = ForwardCounter(task.student, teacher)  # after the set-up's dummy forwards
+    gen = data_generator(0, DEVICE)
+    batches = train.train_batches(BATCH, gen, task.views, EPOCH, EPOCHS, 0)
+    expected_terms = set().union(*(TERMS[n] for n in ["ce", *names]))
+    for step, batch in enumerate(batches, start=1):
+        terms, _, loss = step_terms(task, batch)
+        per_step = 1 + len(task.views)
+        assert counter[task.student] == step * per_step
+        assert counter[teacher] == step * per_step
+        assert set(terms) == expected_terms
+        assert all(math.isfinite(v.item()) for v in terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        optimizer.step()
+    assert step == NUM_IMAGES // BATCH
