@@ -7,10 +7,18 @@ Layout under a recipe's output folder (teachers may live in a shared cache folde
 
 Every file is written atomically (temp file in the same folder, fsync, ``os.replace``), so a
 crash or a full disk leaves the previous good file intact, and nothing is ever appended to a
-file shared by several processes.
+file shared by several processes. A write that fails (disk full, no permission, read-only file
+system) raises :class:`StoreError`, a :class:`UserError`: one clear message, no traceback.
+
+Record statuses: ``done``, ``diverged`` (a result: the loss became NaN/inf), ``failed`` (an
+exception; ``error.txt`` holds the traceback), ``interrupted`` (stopped by a signal with a
+checkpoint; resumed by the next ``kdbench run``). Run folders may also hold checkpoints
+(``ckpt-*.pt``, see :mod:`kdbench.engine.checkpoint`) and a ``.lock`` file
+(:mod:`kdbench.engine.locks`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -21,21 +29,51 @@ from typing import Any, Iterator
 
 import torch
 
+from kdbench.api import UserError
+
 RECORD = "record.json"
 WEIGHTS = "model.pt"
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+class StoreError(UserError):
+    """A file of the run store could not be written; the previous version is intact."""
+
+
+_HINTS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some space in your quota",
+          errno.EROFS: "choose a writable output folder (--output)",
+          errno.EACCES: "check the folder's permissions or choose another output folder (--output)"}
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; results are shared files
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            what = exc.strerror or str(exc)
+            hint = _HINTS.get(exc.errno, "fix the problem")
+            kept = " (the previous version is intact)" if path.exists() else ""
+            raise StoreError(f"cannot write {path}: {what}{kept}; {hint} and run the same "
+                             "command again") from exc
         raise
 
 
@@ -69,11 +107,19 @@ class RunStore:
     def record(self, kind: str, run_id: str) -> dict | None:
         return read_json(self.run_dir(kind, run_id) / RECORD)
 
-    def is_done(self, kind: str, run_id: str) -> bool:
+    def status(self, kind: str, run_id: str) -> str | None:
+        """The record's status; None without a (readable) record, and a teacher without its
+        weights file is not ``done``."""
         rec = self.record(kind, run_id)
-        if not rec or rec.get("status") != "done":
-            return False
-        return kind != "teacher" or (self.run_dir(kind, run_id) / WEIGHTS).exists()
+        if not rec:
+            return None
+        status = rec.get("status")
+        if status == "done" and kind == "teacher" and not (self.run_dir(kind, run_id) / WEIGHTS).exists():
+            return None
+        return status
+
+    def is_done(self, kind: str, run_id: str) -> bool:
+        return self.status(kind, run_id) == "done"
 
     def write_record(self, kind: str, run_id: str, record: dict) -> Path:
         path = self.run_dir(kind, run_id) / RECORD
