@@ -2,13 +2,16 @@
 
 A *task* supplies the step (``loss_terms(batch) -> (terms, logits)``), the modules that train,
 and the extra views it needs; :func:`fit` owns the optimizer, the schedule, the metrics and the
-progress. Metrics are accumulated on the device and read once per epoch, so the step itself
-never synchronises with the host.
+progress, checkpoints and resume. Metrics (and a flag for the first non-finite loss) are
+accumulated on the device and read once per epoch, so the step itself never synchronises with
+the host; writing a checkpoint (every epoch, and every N steps if asked) does.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 
 from kdbench.api import Batch
 from kdbench.data.loader import DeviceData
+from kdbench.engine.checkpoint import Checkpointer
 
 
 class Task(Protocol):
@@ -32,14 +36,19 @@ class Task(Protocol):
 
 
 class Diverged(Exception):
-    def __init__(self, epoch: int, terms: dict[str, float]):
-        self.epoch, self.terms = epoch, terms
-        super().__init__(f"loss is not finite at epoch {epoch + 1} ({terms})")
+    """The loss became NaN/inf: at ``epoch`` (0-based), first at global ``step`` (1-based) if
+    known. Detected at the end of the epoch (or at a mid-epoch checkpoint)."""
+
+    def __init__(self, epoch: int, terms: dict[str, float], step: int | None = None):
+        self.epoch, self.terms, self.step = epoch, terms, step
+        at = f"epoch {epoch + 1}" + (f", step {step}" if step is not None else "")
+        super().__init__(f"loss is not finite at {at}" + (f" ({terms})" if terms else ""))
 
 
 @dataclass
 class FitResult:
     epochs: list[dict] = field(default_factory=list)
+    resumed_from: dict | None = None  # where the checkpoint it resumed from left off
 
     @property
     def final(self) -> dict:
@@ -98,23 +107,86 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int, device: torch.
             "test_loss": loss_sum.item() / n}
 
 
+class Interrupted(Exception):
+    """A stop signal arrived; the run stopped after a step and wrote a checkpoint."""
+
+    def __init__(self, signum: int, epoch: int, step: int):
+        self.signum, self.epoch, self.step = signum, epoch, step
+        super().__init__(f"interrupted by signal {signum} at epoch {epoch + 1}, step {step}")
+
+
+# Test-only hook: ``<step>[:<signal name>]`` sends the signal (default SIGKILL) to this process
+# after global step <step> of a run that started fresh (not resumed), to test crash recovery.
+KILL_ENV = "KDBENCH_TEST_KILL_AT_STEP"
+
+
+def _kill_hook() -> tuple[int, int] | None:
+    value = os.environ.get(KILL_ENV)
+    if not value:
+        return None
+    step, _, name = value.partition(":")
+    return int(step), int(getattr(signal, f"SIG{name or 'KILL'}"))
+
+
+def _new_accum(device: torch.device) -> dict:
+    return {"loss": torch.zeros((), device=device),
+            "correct": torch.zeros((), device=device, dtype=torch.long),
+            "terms": {}, "seen": 0,
+            # First global step (1-based) whose loss was not finite, -1 while all are finite.
+            "first_bad": torch.full((), -1, device=device, dtype=torch.long)}
+
+
 def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch.device,
         precision: str, generator: torch.Generator, progress, eval_batch_size: int,
-        on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict], None] | None = None, checkpointer: Checkpointer | None = None,
+        stop_requested: Callable[[], int | None] = lambda: None) -> FitResult:
+    """Train ``task`` for ``schedule.epochs`` epochs, continuing from the checkpointer's newest
+    good checkpoint if there is one. Checkpoints are written at the end of every epoch and every
+    ``checkpointer.every_steps`` steps; ``stop_requested()`` (a signal number or None) is polled
+    after every step: if set, a checkpoint is written and :class:`Interrupted` raised."""
     params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, schedule, device)
-    result = FitResult()
-    step = 0
-    for epoch in range(schedule.epochs):
+    stateful = getattr(task, "stateful_modules", task.modules)()
+    resume = None
+    if checkpointer is not None:
+        resume = checkpointer.restore(modules=stateful, optimizer=optimizer, scheduler=scheduler,
+                                      generator=generator, device=device)
+    result = FitResult(epochs=list(resume.epochs) if resume else [])
+    if resume is not None:
+        result.resumed_from = {"epochs_done": resume.epoch, "batches_done": resume.batch,
+                               "step": resume.step}
+    step = resume.step if resume else 0
+    kill = _kill_hook() if resume is None else None
+    every = checkpointer.every_steps if checkpointer is not None else None
+    nbatches = train.num_batches(schedule.batch_size)
+    if resume is not None:
+        progress.log(f"  resuming from {resume.path.name}: epoch {resume.epoch + 1}, "
+                     f"batch {resume.batch} of {nbatches}, step {step}")
+
+    for epoch in range(resume.epoch if resume else 0, schedule.epochs):
         for m in task.modules():
             m.train()
-        term_sums: dict[str, Tensor] = {}
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        # The checkpoint holds the data generator at the start of its epoch: a mid-epoch resume
+        # replays the first ``skip`` batches (data only) to get the same batches and state.
+        epoch_gen_state = generator.get_state()
+        skip = resume.batch if resume is not None and resume.epoch == epoch else 0
+        acc = resume.accum if skip and resume.accum is not None else _new_accum(device)
         lr = optimizer.param_groups[0]["lr"]
-        for batch in train.train_batches(schedule.batch_size, generator, task.views, epoch,
-                                         schedule.epochs, step):
+
+        def save(batch_done: int, mid_epoch: bool) -> None:
+            # Reading first_bad syncs, but checkpoints are rare; never checkpoint past a NaN.
+            if mid_epoch and int(acc["first_bad"]) >= 0:
+                raise Diverged(epoch, {}, int(acc["first_bad"]))
+            checkpointer.save(modules=stateful, optimizer=optimizer, scheduler=scheduler,
+                              epoch=epoch if mid_epoch else epoch + 1, batch=batch_done, step=step,
+                              epoch_gen_state=epoch_gen_state if mid_epoch else generator.get_state(),
+                              epochs=result.epochs, accum=acc if mid_epoch else None)
+
+        batches = train.train_batches(schedule.batch_size, generator, task.views, epoch,
+                                      schedule.epochs, step - skip)
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
             with autocast(device, precision):
                 terms, logits = task.loss_terms(batch)
                 loss = sum(terms.values())
@@ -122,25 +194,47 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
             loss.backward()
             optimizer.step()
             n = batch.y.shape[0]
-            seen += n
-            loss_sum += loss.detach().float() * n
+            acc["seen"] += n
+            loss = loss.detach().float()
+            acc["loss"] += loss * n
             for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach().float() * n
-            correct += (logits.detach().argmax(1) == batch.y).sum()
+                acc["terms"][name] = acc["terms"].get(name, 0) + value.detach().float() * n
+            acc["correct"] += (logits.detach().argmax(1) == batch.y).sum()
             step += 1
+            # On the device, no host sync: remember the first step with a non-finite loss.
+            bad = acc["first_bad"]
+            acc["first_bad"] = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
             progress.batch()
+            if checkpointer is not None and every and step % every == 0 and i + 1 < nbatches:
+                save(i + 1, mid_epoch=True)
+            if kill is not None and step == kill[0]:
+                os.kill(os.getpid(), kill[1])
+            signum = stop_requested()
+            if signum is not None and i + 1 < nbatches:
+                if checkpointer is not None:
+                    save(i + 1, mid_epoch=True)
+                raise Interrupted(signum, epoch, step)
         scheduler.step()
         # One host read per epoch: every accumulated metric at once.
+        term_sums, seen = acc["terms"], acc["seen"]
         names = list(term_sums)
-        values = torch.stack([loss_sum, correct.float(), *[term_sums[k] for k in names]]).tolist()
+        values = torch.stack([acc["loss"], acc["correct"].float(), acc["first_bad"].float(),
+                              *[term_sums[k] for k in names]]).tolist()
+        first_bad = int(values.pop(2))
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": values[0] / seen, "train_top1": 100.0 * values[1] / seen}
         record.update({f"loss_{k}": v / seen for k, v in zip(names, values[2:])})
-        if not all(math.isfinite(v) for v in values):
-            raise Diverged(epoch, {k: v for k, v in record.items() if k.startswith(("train", "loss"))})
+        if first_bad >= 0 or not all(math.isfinite(v) for v in values):
+            raise Diverged(epoch, {k: v for k, v in record.items() if k.startswith(("train", "loss"))},
+                           first_bad if first_bad >= 0 else None)
         record.update(evaluate(task.eval_model(), test, eval_batch_size, device, precision))
         record.update(task.epoch_stats())
         result.epochs.append(record)
         progress.epoch_done(epoch, {"loss": record["train_loss"], "top1": record["test_top1"]})
         if on_epoch is not None:
             on_epoch(record)
+        if checkpointer is not None:
+            save(0, mid_epoch=False)
+        signum = stop_requested()
+        if signum is not None and epoch + 1 < schedule.epochs:
+            raise Interrupted(signum, epoch + 1, step)
     return result
