@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="override the recipe's device (cpu, cuda, cuda:N, auto)")
     run.add_argument("--output", type=Path, help="override the recipe's output folder")
     run.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    run.add_argument("--checkpoint-every", type=int, metavar="N",
+                     help="also checkpoint every N steps (default: the recipe's "
+                          "checkpoint_every_steps; always at the end of every epoch)")
+    run.add_argument("--retry-diverged", action="store_true",
+                     help="train runs recorded as diverged again (default: keep them as results)")
     run.add_argument("--plain", action="store_true", help="plain progress lines, no bars")
     run.set_defaults(func=cmd_run)
 
@@ -80,22 +85,33 @@ def cmd_run(args) -> int:
     from kdbench.engine.runner import GridRunner
     from kdbench.progress import make_progress
 
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        raise UserError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
     registry, loaded = _load(args.recipe, check_device=args.device is None)
     if args.output:
         loaded.recipe = loaded.recipe.model_copy(update={"output": str(args.output)})
     progress = make_progress(force_plain=args.plain)
-    runner = GridRunner(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast)
+    runner = GridRunner(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast,
+                        checkpoint_every=args.checkpoint_every, retry_diverged=args.retry_diverged)
     if args.dry_run:
         _print_plan(runner)
         return 0
     with progress:
         summary = runner.run()
     print(f"kdbench: {len(summary.done)} done, {len(summary.skipped)} skipped (already done), "
-          f"{len(summary.failed)} failed, {len(summary.diverged)} diverged; "
-          f"results in {loaded.output_dir}", file=sys.stderr)
-    for label, ids in (("failed", summary.failed), ("diverged", summary.diverged)):
+          f"{len(summary.failed)} failed, {len(summary.diverged)} diverged, "
+          f"{len(summary.interrupted)} interrupted; results in {loaded.output_dir}", file=sys.stderr)
+    for label, ids in (("failed", summary.failed), ("diverged", summary.diverged),
+                       ("interrupted", summary.interrupted)):
         for run_id in ids:
             print(f"  {label}: {run_id}", file=sys.stderr)
+    if summary.signal is not None:
+        # Exit like a process killed by the signal would (128 + signal number).
+        import signal
+
+        print(f"kdbench: stopped by {signal.Signals(summary.signal).name}; the interrupted run "
+              "saved a checkpoint: run the same command again to resume", file=sys.stderr)
+        return 128 + summary.signal
     return 1 if summary.failed else 0
 
 

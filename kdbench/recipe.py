@@ -139,6 +139,8 @@ class Recipe(_Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deterministic: bool = False
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N "
+                                               "steps (always at every epoch's end); not part of run ids")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     teacher_seed: int | None = None
     report: Literal["final", "best"] = "final"

@@ -2,10 +2,35 @@
 
 Nothing here knows a method, objective, model or dataset by name: everything is looked up in
 the registry from the run specs produced by :func:`kdbench.recipe.expand`.
+
+Reliability rules:
+
+* Every run checkpoints (every epoch, and every ``checkpoint_every_steps`` steps if set) and a
+  rerun of the same command continues an unfinished run exactly where its last checkpoint left
+  off (see :mod:`kdbench.engine.checkpoint`). Checkpoints are deleted once the final record is
+  written; those of failed and interrupted runs are kept, so their retry resumes.
+* What a rerun does with each record status: ``done`` is skipped; ``diverged`` (NaN/inf loss) is
+  a result and is kept unless ``retry_diverged``; ``failed`` (an exception) and ``interrupted``
+  (SIGTERM, SIGINT or SIGUSR1) are run again (resuming from their checkpoint).
+* A failing run does not stop the grid (unless ``fail_fast``); a student whose teacher failed or
+  diverged is recorded as failed with that reason.
+* SIGTERM/SIGINT/SIGUSR1 let the current step finish, write a checkpoint, record the run as
+  ``interrupted`` and stop the grid (the CLI then exits 128 + signal number). A second signal
+  stops the process at once (the last checkpoint is still good).
+* Each run is trained under a lock (:mod:`kdbench.engine.locks`), so several processes can work
+  on one grid: a run locked by another process is left to it and retried later; a student whose
+  teacher another process is training waits for it (other work first, then with a message).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
+import signal
+import socket
+import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,28 +42,59 @@ from torch import nn
 from kdbench.api import MethodSetup, ModelOutput, ObjectiveSetup, UserError
 from kdbench.data.loader import DeviceData, subset_per_class
 from kdbench.diagnostics import teacher_diagnostics
-from kdbench.engine.loop import Diverged, autocast, fit
+from kdbench.engine.checkpoint import Checkpointer
+from kdbench.engine.locks import RunLock
+from kdbench.engine.loop import Diverged, Interrupted, autocast, fit
 from kdbench.recipe import LoadedRecipe, RunSpec, expand
 from kdbench.registry import Registry
 from kdbench.store import RunStore, atomic_write_bytes, provenance
+
+WAIT_POLL_S = 2.0  # how often a process waiting for another one's run looks again
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {name!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but no CUDA device is available; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA "
+                            "device(s) exist")
+    elif device.type != "cpu":
+        raise UserError(f"device {name!r} is not supported; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    return device
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # CPU and every CUDA device
+    if deterministic:
+        # cuBLAS is only deterministic with a fixed workspace; read when cuBLAS initialises.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     if torch.cuda.is_available():
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = not deterministic
+
+
+def weights_sha256(state_dict: dict) -> str:
+    """A fingerprint of the exact weights (names, dtypes, shapes and bytes), for the record:
+    two runs with the same fingerprint ended with bit-identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(state_dict[name].shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def data_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -95,6 +151,11 @@ class StudentTask:
     def modules(self):
         return [self.student, *(m for _, _, m in self.methods)]
 
+    def stateful_modules(self):
+        # A teacher run in train mode updates its BatchNorm statistics: checkpoint it too.
+        extra = [self.teacher] if self.teacher is not None and self.teacher_train_mode else []
+        return self.modules() + extra
+
     def _teacher(self, x):
         if self.teacher is None:
             return None
@@ -122,26 +183,73 @@ class StudentTask:
 
 
 # ------------------------------------------------------------------------------------------------
+# Stop signals
+# ------------------------------------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While active, SIGTERM/SIGINT/SIGUSR1 only set ``signum`` (the training loop polls it after
+    each step); a second one restores the default action and re-sends itself (stops at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def __call__(self) -> int | None:
+        return self.signum
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\nkdbench: got {signal.Signals(signum).name}: finishing the current step, then "
+              "writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
 # The grid
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Summary:
     done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # finished before (or by another process)
     failed: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    signal: int | None = None  # the stop signal that ended the grid, if one did
 
 
 class GridRunner:
     def __init__(self, loaded: LoadedRecipe, registry: Registry, progress, device: str | None = None,
-                 fail_fast: bool = False):
+                 fail_fast: bool = False, checkpoint_every: int | None = None,
+                 retry_diverged: bool = False):
         self.loaded, self.registry, self.progress = loaded, registry, progress
         self.recipe = loaded.recipe
         self.device = resolve_device(device or self.recipe.device)
         self.store = RunStore(loaded.output_dir, loaded.teacher_dir)
         self.teachers, self.students = expand(loaded, registry)
         self.fail_fast = fail_fast
+        self.retry_diverged = retry_diverged
+        self.checkpoint_every = checkpoint_every or getattr(self.recipe, "checkpoint_every_steps", None)
         self._data: tuple[DeviceData, DeviceData] | None = None
+        self._stop = StopSignals()
+        self._snapshot: dict[str, object] = {}
+        self._trained_by: dict | None = None  # who trains the current run (for its record)
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> dict:
@@ -152,8 +260,12 @@ class GridRunner:
             "students": [(s, self._done(s)) for s in self.students],
         }
 
+    def _finished(self, status: str | None) -> bool:
+        return status == "done" or (status == "diverged" and not self.retry_diverged)
+
     def _done(self, spec: RunSpec) -> bool:
-        return self.store.is_done(spec.kind, spec.id)
+        """Nothing to do for this run: done, or diverged (a result) unless retrying those."""
+        return self._finished(self.store.status(spec.kind, spec.id))
 
     # ------------------------------------------------------------------ data
     def data(self) -> tuple[DeviceData, DeviceData]:
@@ -166,6 +278,39 @@ class GridRunner:
             self._data = (DeviceData(train, self.device), DeviceData(test, self.device))
         return self._data
 
+    def check_inputs(self, specs: list[RunSpec]) -> None:
+        """Every model to train takes the dataset's images: its declared ``input_size`` (if the
+        model has one: an int or (height, width)) matches, and a forward of two images works.
+        Problems are UserErrors, raised before any training."""
+        train, _ = self.data()
+        c, h, w = (int(v) for v in train.images.shape[1:])
+        checked = set()
+        for spec in specs:
+            model_spec = spec.spec["model"]
+            key = json.dumps(model_spec, sort_keys=True, default=str)
+            if key in checked:
+                continue
+            checked.add(key)
+            role = (f"teacher of pair {spec.meta.get('pair')!r}" if spec.kind == "teacher"
+                    else f"student of pair {spec.meta.get('pair')!r}")
+            where = f"{self.loaded.path}: {role}: model {model_spec['name']!r}"
+            model = build_model(self.registry, model_spec, train.num_classes)
+            size = getattr(model, "input_size", None)
+            if size is not None:
+                size = (size, size) if isinstance(size, int) else tuple(size)
+                if size != (h, w):
+                    raise UserError(f"{where} takes {size[0]}x{size[1]} images, but the dataset "
+                                    f"{self.recipe.dataset.name!r} has {h}x{w} images; pair it with "
+                                    "a dataset of that size or choose a model for this one")
+            try:
+                dummy_forward(model.to(self.device), train)
+            except Exception as exc:
+                msg = " ".join(str(exc).split())[:300]
+                raise UserError(f"{where} cannot take the dataset's images ({c} channels, {h}x{w}): "
+                                f"{type(exc).__name__}: {msg}; choose a model or dataset that fit "
+                                "together") from None
+            del model
+
     # ------------------------------------------------------------------ running
     def run(self) -> Summary:
         summary = Summary()
@@ -177,33 +322,118 @@ class GridRunner:
         if not todo:
             return summary
         self.data()  # dataset errors surface before any training
-        failed_teachers: set[str] = set()
-        for spec in todo:
-            if spec.teacher is not None and spec.teacher.id in failed_teachers:
-                self._record_failure(spec, f"teacher {spec.teacher.id} failed", summary)
-                continue
-            status = self._run_one(spec, summary)
-            if status != "done" and spec.kind == "teacher":
-                failed_teachers.add(spec.id)
-            if status == "failed" and self.fail_fast:
-                break
+        self.check_inputs(todo)
+        # What each record looked like when we planned: a change means another process ran it.
+        self._snapshot = {s.id: self._record_key(s) for s in todo}
+        self.attempted: dict[str, str] = {}  # run id -> outcome in this process
+        self._pending_teachers = {s.id for s in todo if s.kind == "teacher"}
+        with self._stop:
+            self._run_queue(list(todo), summary)
+        summary.signal = self._stop.signum
         return summary
+
+    def _run_queue(self, todo: list[RunSpec], summary: Summary) -> None:
+        announced: set[str] = set()
+        while todo:
+            busy = []
+            for spec in todo:
+                if self._stop.signum is not None:
+                    return
+                outcome = self._attempt(spec, summary)
+                if outcome != "busy":
+                    self._pending_teachers.discard(spec.id)
+                    self.attempted.setdefault(spec.id, outcome)
+                if outcome == "busy":
+                    busy.append(spec)
+                elif outcome == "failed" and self.fail_fast:
+                    return
+            if busy and len(busy) == len(todo):  # nothing else to do: wait for the others
+                waiting = [f"{s.id} ({self._lock(s).holder()})" for s in busy if s.id not in announced]
+                if waiting:
+                    self.progress.log(f"waiting for {len(busy)} run(s) that other processes hold: "
+                                      + ", ".join(waiting))
+                    announced.update(s.id for s in busy)
+                time.sleep(WAIT_POLL_S)
+                if self._stop.signum is not None:
+                    return
+            todo = busy
+
+    def _lock(self, spec: RunSpec) -> RunLock:
+        return RunLock(self.store.run_dir(spec.kind, spec.id))
+
+    def _record_key(self, spec: RunSpec):
+        rec = self.store.record(spec.kind, spec.id) or {}
+        return rec.get("status"), json.dumps(rec.get("trained_by"), sort_keys=True)
+
+    def _attempt(self, spec: RunSpec, summary: Summary) -> str:
+        """Run ``spec`` unless another process holds it: 'busy', or the run's outcome."""
+        if spec.teacher is not None and self.store.status("teacher", spec.teacher.id) != "done":
+            t = spec.teacher
+            outcome = self.attempted.get(t.id)  # what became of it in this process, if tried
+            if outcome is None and (t.id in self._pending_teachers or self._locked(t)):
+                return "busy"  # we train it first, or another process is training it
+            reason = outcome or self.store.status("teacher", t.id) or "not trained"
+            hint = " (rerun with --retry-diverged to train it again)" if reason == "diverged" else ""
+            self._record_failure(spec, f"teacher {t.id} {reason}{hint}", summary, started=False)
+            return "failed"
+        lock = self._lock(spec)
+        if not lock.try_acquire():
+            return "busy"
+        with lock:
+            # Someone else may have run it since we planned: then it is theirs.
+            key = self._record_key(spec)
+            status = key[0]
+            if key != self._snapshot.get(spec.id) and status in ("done", "diverged", "failed"):
+                self.progress.log(f"{spec.describe} ({spec.id}): {status} by another process")
+                (summary.skipped if status == "done" else
+                 summary.diverged if status == "diverged" else summary.failed).append(spec.id)
+                return status
+            return self._run_one(spec, summary)
+
+    def _locked(self, spec: RunSpec) -> bool:
+        lock = self._lock(spec)
+        if lock.try_acquire():
+            lock.release()
+            return False
+        return True
 
     def _run_one(self, spec: RunSpec, summary: Summary) -> str:
         train, test = self.data()
         sched = spec.spec["schedule"]
         self.progress.run_started(f"{spec.describe} ({spec.id})", sched["epochs"],
                                   train.num_batches(sched["batch_size"]))
+        prev = self.store.record(spec.kind, spec.id) or {}
+        self._trained_by = {"pid": os.getpid(), "host": socket.gethostname(),
+                            "attempt": int((prev.get("trained_by") or {}).get("attempt", 0)) + 1,
+                            "resumed_from": None}
+        checkpointer = Checkpointer(self.store.run_dir(spec.kind, spec.id), self.checkpoint_every,
+                                    warn=lambda msg: self.progress.log(f"  warning: {msg}"))
+        try:
+            return self._train_and_record(spec, summary, checkpointer)
+        finally:
+            self._trained_by = None
+
+    def _train_and_record(self, spec: RunSpec, summary: Summary, checkpointer: Checkpointer) -> str:
         t0 = time.perf_counter()
         try:
-            record = (self._train_teacher if spec.kind == "teacher" else self._train_student)(spec)
+            record = (self._train_teacher if spec.kind == "teacher" else self._train_student)(spec, checkpointer)
         except Diverged as exc:
             record = self._base_record(spec, "diverged")
-            record["diverged"] = {"epoch": exc.epoch + 1, "terms": exc.terms}
+            record["diverged"] = {"epoch": exc.epoch + 1, "step": exc.step, "terms": exc.terms}
             self.store.write_record(spec.kind, spec.id, record)
+            checkpointer.clear()
             summary.diverged.append(spec.id)
             self.progress.run_done("diverged", str(exc))
             return "diverged"
+        except Interrupted as exc:
+            record = self._base_record(spec, "interrupted")
+            record["interrupted"] = {"signal": signal.Signals(exc.signum).name,
+                                     "epoch": exc.epoch + 1, "step": exc.step}
+            self.store.write_record(spec.kind, spec.id, record)
+            summary.interrupted.append(spec.id)
+            self.progress.run_done("interrupted", f"at step {exc.step}; checkpoint in "
+                                   f"{checkpointer.dir}")
+            return "interrupted"
         except (KeyboardInterrupt, UserError):
             raise
         except Exception:
@@ -211,34 +441,43 @@ class GridRunner:
             return "failed"
         record["wall_time_s"] = time.perf_counter() - t0
         self.store.write_record(spec.kind, spec.id, record)
+        checkpointer.clear()  # the record is final: the checkpoints are not needed any more
         summary.done.append(spec.id)
         self.progress.run_done("done", f"top1={record['final']['top1']:.2f}")
         return "done"
 
-    def _record_failure(self, spec: RunSpec, tb: str, summary: Summary) -> None:
+    def _record_failure(self, spec: RunSpec, tb: str, summary: Summary, started: bool = True) -> None:
         run_dir = self.store.run_dir(spec.kind, spec.id)
         atomic_write_bytes(run_dir / "error.txt", tb.encode())
         record = self._base_record(spec, "failed")
         record["error"] = tb.strip().splitlines()[-1]
         self.store.write_record(spec.kind, spec.id, record)
         summary.failed.append(spec.id)
+        if not started:
+            self.progress.log(f"{spec.describe} ({spec.id}): FAILED {record['error']}")
+            return
         self.progress.run_done("FAILED", f"{record['error']} (traceback: {run_dir / 'error.txt'})")
 
     def _base_record(self, spec: RunSpec, status: str) -> dict:
         return {"id": spec.id, "kind": spec.kind, "status": status, "spec": spec.spec,
                 "meta": spec.meta, "teacher_id": spec.teacher.id if spec.teacher else None,
                 "recipe": str(self.loaded.path), "report": self.recipe.report,
+                "deterministic": self.recipe.deterministic,  # applied by seed_everything
+                "trained_by": self._trained_by,
                 "provenance": provenance(self.device, self.registry.versions())}
 
-    def _fit(self, task, spec: RunSpec):
+    def _fit(self, task, spec: RunSpec, checkpointer: Checkpointer):
         train, test = self.data()
         from kdbench.recipe import Schedule
 
-        return fit(task, Schedule(**spec.spec["schedule"]), train, test, self.device,
-                   self.recipe.precision, data_generator(spec.spec["seed"], self.device),
-                   self.progress, self.recipe.eval_batch_size)
+        result = fit(task, Schedule(**spec.spec["schedule"]), train, test, self.device,
+                     self.recipe.precision, data_generator(spec.spec["seed"], self.device),
+                     self.progress, self.recipe.eval_batch_size, checkpointer=checkpointer,
+                     stop_requested=self._stop)
+        self._trained_by["resumed_from"] = result.resumed_from
+        return result
 
-    def _train_teacher(self, spec: RunSpec) -> dict:
+    def _train_teacher(self, spec: RunSpec, checkpointer: Checkpointer) -> dict:
         train, test = self.data()
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
         model = build_model(self.registry, spec.spec["model"], train.num_classes).to(self.device)
@@ -248,10 +487,11 @@ class GridRunner:
                                num_classes=train.num_classes, num_train_samples=len(train),
                                image_size=int(train.images.shape[-1]), device=self.device)
         objective = plugin.factory(plugin.params.model_validate(obj["params"]), setup).to(self.device)
-        result = self._fit(TeacherTask(model, objective), spec)
+        result = self._fit(TeacherTask(model, objective), spec, checkpointer)
         self.store.save_weights(spec.id, model.state_dict())
         record = self._base_record(spec, "done")
-        record.update(epochs=result.epochs, final=result.final, best=result.best)
+        record.update(epochs=result.epochs, final=result.final, best=result.best,
+                      weights_sha256=weights_sha256(model.state_dict()))
         with autocast(self.device, self.recipe.precision):
             record["diagnostics"] = teacher_diagnostics(
                 model, test.eval_batches(self.recipe.eval_batch_size),
@@ -266,7 +506,7 @@ class GridRunner:
         model.requires_grad_(False)
         return model
 
-    def _train_student(self, spec: RunSpec) -> dict:
+    def _train_student(self, spec: RunSpec, checkpointer: Checkpointer) -> dict:
         train, _ = self.data()
         teacher = self.load_teacher(spec.teacher) if spec.teacher else None
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
@@ -281,9 +521,10 @@ class GridRunner:
             plugin = self.registry.find("student_method", term["name"])
             method = plugin.factory(plugin.params.model_validate(term["params"]), setup)
             methods.append((term["name"], term["weight"], method.to(self.device)))
-        result = self._fit(StudentTask(student, teacher, methods), spec)
+        result = self._fit(StudentTask(student, teacher, methods), spec, checkpointer)
         record = self._base_record(spec, "done")
-        record.update(epochs=result.epochs, final=result.final, best=result.best)
+        record.update(epochs=result.epochs, final=result.final, best=result.best,
+                      weights_sha256=weights_sha256(student.state_dict()))
         if spec.teacher is not None:
             trec = self.store.record("teacher", spec.teacher.id) or {}
             record["teacher_final"] = trec.get("final")
