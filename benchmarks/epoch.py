@@ -24,10 +24,16 @@ The Table-1 estimate below the table uses the measured epoch (train + eval, scal
 50000 training and 10000 test images) of the three homogeneous pairs; its assumptions are
 printed with it (``--rows``, ``--seeds``, ``--epochs``, ``--teacher-seeds``).
 
+Without a GPU, ``--assume-tflops X`` times nothing: it counts the FLOPs of the published nets on
+the CPU (a step at batch ``--flop-batch``, scaled per sample) and fills the table and the
+Table-1 estimate at an assumed achieved X TFLOP/s.
+
 Quick CPU run (~2-3 minutes on 2 shared cores):
     python benchmarks/epoch.py --device cpu --threads 1 --width-mult 0.125 --n 512 --n-test 256
 Full run (one GPU; add --peak-tflops for the gap to the hardware limit):
     python benchmarks/epoch.py --device cuda --peak-tflops 989
+FLOP counts of the published nets and the cost at an assumed rate (no GPU needed, ~1 minute):
+    python benchmarks/epoch.py --assume-tflops 100 --peak-tflops 989
 """
 from __future__ import annotations
 
@@ -175,6 +181,38 @@ def run_pair(device_name, pair, train_data, test_data, args) -> dict:
     return out
 
 
+def estimate_pair(pair, train_data, args) -> dict:
+    """--assume-tflops: no timing; FLOPs of a step counted on the CPU at a batch of
+    ``--flop-batch`` (matmul/conv FLOPs are linear in the batch), times at the assumed rate."""
+    from kdbench.data.loader import DeviceData
+    from kdbench.engine.runner import data_generator
+
+    device = torch.device("cpu")
+    t_name, s_name = C.pair_models(pair)
+    torch.manual_seed(0)
+    small = C.image_data(train_data.images[:max(64, args.flop_batch)],
+                         train_data.labels[:max(64, args.flop_batch)])
+    train = DeviceData(small, device)
+    teacher = C.frozen_teacher(t_name, args.width_mult, 100, device)
+    student = C.build_net(s_name, args.width_mult, 100, device)
+    task = C.kd_task(teacher, student, train, device)
+    batch = next(train.train_batches(args.flop_batch, data_generator(2, device), task.views))
+    b = batch.x.shape[0]
+    per_sample = count_step_flops(task, batch, device, "fp32") / b
+    t_fwd = teacher_forward_flops(teacher, batch.x) / b
+    bs, n = args.batch_size, args.n
+    samples = sum(min(bs, n - s) for s in range(0, n, bs) if min(bs, n - s) >= 2)
+    rate = args.assume_tflops * 1e12
+    f_student = (per_sample - t_fwd) / 3
+    C.log(f"{pair}: {per_sample / 1e9:.2f} GFLOP per sample and step (counted at batch {b})")
+    return {"device": f"estimate at {args.assume_tflops:g} TFLOP/s", "pair": pair, "bs": bs,
+            "steps": -(-n // bs), "samples": samples, "n_test": args.n_test,
+            "train_s": per_sample * samples / rate, "eval_s": f_student * args.n_test / rate,
+            "step_flops": per_sample * bs, "epoch_flops": per_sample * samples,
+            "tflops": args.assume_tflops, "teacher_fwd_per_sample": t_fwd,
+            "per_sample": per_sample}
+
+
 def table1_estimate(results, args) -> list[str]:
     """GPU-hours of Table 1's CIFAR-100 column from the measured epochs."""
     by_pair = {r["pair"]: r for r in results}
@@ -204,23 +242,29 @@ def table1_estimate(results, args) -> list[str]:
         parts.append(f"{p}: {epoch:.1f} s/epoch -> students {s / 3600:.1f} h, teachers "
                      f"{t / 3600:.1f} h")
     dev = results[0]["device"]
-    unit = "GPU-hours" if "cpu" not in dev else "CPU-hours (this CPU)"
-    lines.append(f"**Table 1, CIFAR-100 column, estimated on {dev} at width x{args.width_mult}: "
+    unit = "CPU-hours (this CPU)" if dev.startswith("cpu") else "GPU-hours"
+    where = (f"at an assumed {args.assume_tflops:g} TFLOP/s" if args.assume_tflops
+             else f"from epochs measured on {dev}")
+    lines.append(f"**Table 1, CIFAR-100 column, estimated {where} at width x{args.width_mult}: "
                  f"{total_s / 3600:,.1f} {unit}** (students {student_s / 3600:,.1f}, teachers "
                  f"{teacher_s / 3600:,.1f}; one run at a time, no overlap).")
     lines.append("; ".join(parts) + ".")
     lines.append(
         f"Assumptions: {len(have)} pairs x {args.rows} student rows (KD, FitNet, RKD, CRD, OFD, "
         f"ReviewKD, VID, MLLD, Ours, Ours+RKD; the vanilla-student row not counted) x "
-        f"{args.seeds} seeds x {args.epochs} epochs, each epoch costing the measured KD epoch "
+        f"{args.seeds} seeds x {args.epochs} epochs, each epoch costing the KD epoch above "
         "(train at batch "
         f"{args.batch_size} + eval of 10000 images; other methods differ: see "
         "benchmarks/methods.py, MLLD alone runs two views); teachers: 2 objectives per pair "
         f"(ce for the baselines, margin_intra for Ours) x {args.teacher_seeds} seed(s) x "
         f"{args.epochs} epochs, ce = 3 teacher forwards per sample, margin_intra <= 10 "
         "(second view + re-encoding at a 100% pass rate), run at the FLOP/s the KD epoch of "
-        "that pair achieved, plus an eval scaled from the student's by forward FLOPs; epochs scaled linearly from the measured "
-        f"{results[0]['samples']} train / {results[0]['n_test']} test images.")
+        "that pair achieved, plus an eval scaled from the student's by forward FLOPs; "
+        f"epochs scaled linearly from {results[0]['samples']} train / "
+        f"{results[0]['n_test']} test images to 50000 / 10000.")
+    if len(have) < len(TABLE1_PAIRS):
+        lines.append(f"PARTIAL: only {len(have)} of the {len(TABLE1_PAIRS)} Table-1 pairs "
+                     f"({', '.join(TABLE1_PAIRS)}) were measured.")
     if args.width_mult != 1.0:
         lines.append(f"Width x{args.width_mult} is not the published nets: this estimate does "
                      "not describe the paper's cost.")
@@ -246,6 +290,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the epoch")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="device's dense peak TFLOP/s for the precision used (adds MFU and gap)")
+    ap.add_argument("--assume-tflops", type=float, default=None,
+                    help="no timing: count FLOPs on the CPU (batch --flop-batch) and estimate "
+                    "the epoch and Table 1 at this achieved TFLOP/s (works without a GPU)")
+    ap.add_argument("--flop-batch", type=int, default=2, help="batch of --assume-tflops counts")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--rows", type=int, default=10, help="Table-1 student rows per pair")
     ap.add_argument("--seeds", type=int, default=5, help="Table-1 seeds per student row")
@@ -257,16 +305,24 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = C.parse_pairs(args.pairs)
-    device = C.resolve_devices(args.device)[0]
+    device = "cpu" if args.assume_tflops else C.resolve_devices(args.device)[0]
     train_data = C.image_data(*C.synthetic_images(args.n, seed=0))
-    test_data = C.image_data(*C.synthetic_images(args.n_test, seed=1))
+    test_data = None if args.assume_tflops else C.image_data(
+        *C.synthetic_images(args.n_test, seed=1))
 
-    results = [run_pair(device, p, train_data, test_data, args) for p in pairs]
-
-    print(f"\n*One KD epoch (0.1 CE + 0.9 KL, T=4) through kdbench.engine.loop.fit: {args.n} "
-          f"random 3x32x32 images, 100 classes, batch {args.batch_size}, eval on "
-          f"{args.n_test}, width x{args.width_mult}, precision {args.precision}. FLOPs: "
-          f"FlopCounterMode (matmul + conv only) on one step. {C.machine()}.*\n")
+    if args.assume_tflops:
+        results = [estimate_pair(p, train_data, args) for p in pairs]
+        print(f"\n*NOT MEASURED: one KD epoch (0.1 CE + 0.9 KL, T=4) of {args.n} 3x32x32 "
+              f"images (batch {args.batch_size}, eval on {args.n_test}, width "
+              f"x{args.width_mult}) estimated from FlopCounterMode counts (matmul + conv only, "
+              f"one step at batch {args.flop_batch}, scaled per sample) at an assumed "
+              f"{args.assume_tflops:g} TFLOP/s. {C.machine()}.*\n")
+    else:
+        results = [run_pair(device, p, train_data, test_data, args) for p in pairs]
+        print(f"\n*One KD epoch (0.1 CE + 0.9 KL, T=4) through kdbench.engine.loop.fit: "
+              f"{args.n} random 3x32x32 images, 100 classes, batch {args.batch_size}, eval on "
+              f"{args.n_test}, width x{args.width_mult}, precision {args.precision}. FLOPs: "
+              f"FlopCounterMode (matmul + conv only) on one step. {C.machine()}.*\n")
     headers = ["device", "pair", "steps", "train s", "eval s", "images/s", "GFLOP/step",
                "TFLOP/epoch", "achieved TFLOP/s"]
     if args.peak_tflops:
