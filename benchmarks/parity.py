@@ -24,10 +24,13 @@ that a batch has same-class samples (the intra-class objectives need them).
 Check (stated tolerance): every loss term c of the candidate against r of the reference:
 ``|c - r| <= atol + rtol * |r|`` (default rtol 1e-4, atol 1e-6); and the gradient over every
 trained parameter (student + method modules, or teacher + objective modules):
-``||g_c - g_r|| / ||g_r|| <= grad_rtol`` (default 2e-2). The gradient tolerance is loose on
-purpose: at random initialisation the first layers of a deep teacher get gradients whose fp32
-rounding error, measured against fp64 on the CPU, is already 0.1-0.6% relative (WRN-40-2 2.5e-3,
-ResNet-50 6e-3 at width 0.25); loss terms agree to ~1e-6 relative. The table lists the largest
+``||g_c - g_r|| / ||g_r|| <= grad_rtol`` (default 2e-2) — or, in ``--device cuda`` mode, at
+most 3 times the CPU's own fp32 rounding error of that gradient, measured by a third run in CPU
+fp64 (column "cpu fp32 vs fp64 grad err"; ``--no-fp64`` skips it). The gradient tolerance is
+loose on purpose: at random initialisation the first layers of a deep teacher get gradients
+whose fp32 rounding error against fp64 on the CPU is already large (whole-gradient relative
+error: WRN-40-2 2.5e-3, ResNet-50 8.6e-3 at width 0.25 and ~1.4e-2 at width 1, batch 16); loss
+terms agree to ~1e-6 relative. The table lists the largest
 relative term error and the gradient error of each plugin; the exit status is 1 if any check
 fails. In ``--device cpu`` mode a plugin that cannot run in fp64 at all (CRD computes its
 memory-bank scores in fp32 by design) is reported as skipped after its fp32 run succeeded.
@@ -212,20 +215,28 @@ def reference_states(pair, kind, name, params):
     return copy.deepcopy(module.state_dict()), negatives
 
 
-def compare(ref, cand, args):
+def rel_err(a, b):
+    """||a - b|| / ||b|| of two flat gradients (||a|| if b is zero)."""
+    nb = b.norm().item()
+    return (a - b).norm().item() / nb if nb > 0 else a.norm().item()
+
+
+def compare(ref, cand, args, ref64=None):
+    """Terms: |c - r| <= atol + rtol |r|. Gradient: rel. error <= grad_rtol, or (when an fp64
+    run of the reference device exists) <= 3x the reference's own fp32 rounding error."""
     (rt, rg), (ct, cg) = ref, cand
     worst, ok = 0.0, True
     if set(rt) != set(ct):
         return {"ok": False, "term_err": float("nan"), "grad_err": float("nan"),
-                "note": f"different terms {sorted(rt)} vs {sorted(ct)}"}
+                "noise": float("nan"), "note": f"different terms {sorted(rt)} vs {sorted(ct)}"}
     for k in rt:
         err = abs(ct[k] - rt[k])
         ok &= err <= args.atol + args.rtol * abs(rt[k])
         worst = max(worst, err / max(abs(rt[k]), 1e-30)) if err else worst
-    gnorm = rg.norm().item()
-    gerr = (cg - rg).norm().item() / gnorm if gnorm > 0 else (cg.norm().item())
-    ok &= gerr <= args.grad_rtol
-    return {"ok": bool(ok), "term_err": worst, "grad_err": gerr, "note": ""}
+    gerr = rel_err(cg, rg)
+    noise = rel_err(rg, ref64[1]) if ref64 is not None else float("nan")
+    ok &= gerr <= max(args.grad_rtol, 3 * noise if ref64 is not None else 0.0)
+    return {"ok": bool(ok), "term_err": worst, "grad_err": gerr, "noise": noise, "note": ""}
 
 
 def main(argv=None) -> int:
@@ -245,6 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-rtol", type=float, default=2e-2,
                     help="relative L2 error of the whole gradient (see the docstring for why "
                     "it is looser than rtol)")
+    ap.add_argument("--no-fp64", action="store_true",
+                    help="cuda mode: skip the CPU fp64 runs that calibrate the gradient check")
+    ap.add_argument("--_dry-cuda-mode", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None, help="comma-separated plugin names (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args(argv)
@@ -252,7 +266,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = C.resolve_devices(args.device)[0]
     ieee_fp32()
-    if device == "cuda":
+    if args._dry_cuda_mode:  # test the cuda-mode code path without a GPU: CPU vs CPU fp32
+        device = "cuda"
+        ref_cfg, cand_cfg = ("cpu", torch.float32), ("cpu", torch.float32)
+    elif device == "cuda":
         ref_cfg, cand_cfg = ("cpu", torch.float32), ("cuda", torch.float32)
     else:
         ref_cfg, cand_cfg = ("cpu", torch.float64), ("cpu", torch.float32)
@@ -293,13 +310,21 @@ def main(argv=None) -> int:
                     ref, skipped = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
                 if ref is None:
                     res = {"ok": True, "skipped": True, "term_err": float("nan"),
-                           "grad_err": float("nan"), "note": f"fp64 reference impossible ({skipped})"}
+                           "grad_err": float("nan"), "noise": float("nan"),
+                           "note": f"fp64 reference impossible ({skipped})"}
                     terms = ", ".join(f"{k}={v:.5g}" for k, v in cand[0].items()) + " (fp32)"
                 else:
-                    res = compare(ref, cand, args)
+                    ref64 = None
+                    if ref_cfg[1] != torch.float64 and not args.no_fp64:
+                        try:  # the reference device's own fp32 rounding error, for the grads
+                            ref64 = run((ref_cfg[0], torch.float64))
+                        except Exception:
+                            pass  # e.g. CRD: fixed gradient tolerance only
+                    res = compare(ref, cand, args, ref64)
                     terms = ", ".join(f"{k}={v:.5g}" for k, v in ref[0].items())
             except Exception as exc:  # a plugin that cannot run in a configuration fails
                 res = {"ok": False, "term_err": float("nan"), "grad_err": float("nan"),
+                       "noise": float("nan"),
                        "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
                 terms = ""
             failures += not res["ok"]
@@ -309,6 +334,7 @@ def main(argv=None) -> int:
                   f"grad {res['grad_err']:.2e} ({time.perf_counter() - t0:.1f}s) {res['note']}")
             rows.append([label, f"{kind}: {shown}", terms or res["note"],
                          f"{res['term_err']:.1e}", f"{res['grad_err']:.1e}",
+                         *([f"{res['noise']:.1e}"] if device == "cuda" else []),
                          {"ok": "ok", "skipped": f"skipped: {res['note']}",
                           "FAIL": f"**FAIL** {res['note']}".strip()}[verdict]])
 
@@ -318,9 +344,13 @@ def main(argv=None) -> int:
           f"x{args.width_mult}): {cand_s} against {ref_s}"
           f"{' (TF32 off)' if device == 'cuda' else ''}; pass if every term "
           f"|c-r| <= {args.atol:g} + {args.rtol:g}|r| and ||g_c-g_r||/||g_r|| <= "
-          f"{args.grad_rtol:g}. {C.machine()}.*\n")
+          f"{args.grad_rtol:g}"
+          f"{' or <= 3x the CPU fp32-vs-fp64 gradient error' if device == 'cuda' else ''}. "
+          f"{C.machine()}.*\n")
+    noise_col = ["cpu fp32 vs fp64 grad err"] if device == "cuda" else []
     print(C.md_table(["pair", "plugin", f"terms ({ref_s})", "max rel. term err",
-                      "grad rel. err", "result"], rows, right={3, 4}))
+                      "grad rel. err", *noise_col, "result"], rows,
+                     right={3, 4, 5} if noise_col else {3, 4}))
     print(f"\n{len(rows) - failures - skips}/{len(rows)} passed, {skips} skipped, "
           f"{failures} failed.")
     return 1 if failures else 0
