@@ -1,14 +1,20 @@
-"""Result records -> pandas -> markdown and CSV tables.
+"""Result records -> pandas -> markdown and CSV tables, and a PNG plot.
 
-One table per (recipe group, dataset): methods as rows, teacher→student pairs as columns,
-mean ± std over seeds with n, the best student row per column in bold, and — where the recipe
-names a reference table — the paper's number and the difference. Teacher rows come first and
-show the accuracy of the teachers the students of that column actually used.
+One table per (recipe group, dataset), in the layout of the paper's tables: methods as rows,
+teacher→student pairs as columns, mean ± std over seeds with n, the best student row per column
+in bold, and — where the recipe names a reference table — the paper's number and the
+difference. Teacher rows come first (one per teacher objective, showing the teachers the
+students of that column actually used), then the method sets in recipe order (so a "Student"
+set listed first comes right after the teachers). The paper's teacher numbers are those of the
+CE-trained teacher, so only the teacher row of the plain ``ce`` objective gets one. Each table
+is followed by the teachers' soft-label diagnostics. ``leaderboard.png`` (needs matplotlib, the
+``plot`` extra) plots every row's accuracy per pair with error bars.
 """
 from __future__ import annotations
 
 import csv
 import math
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -61,6 +67,7 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                 continue
             ok = t["status"] == "done"
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
+                          "objective_name": ((t.get("spec") or {}).get("objective") or {}).get("name"),
                           "teacher_id": tid, "status": t["status"],
                           "top1": t[metric]["top1"] if ok else math.nan,
                           "diagnostics": t.get("diagnostics") or {}})
@@ -94,15 +101,20 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
         n_obj = sub.groupby("method_set")["objective"].nunique(dropna=False)
         sub = sub.assign(row=[ms if n_obj[ms] <= 1 else f"{ms} ({o})"
                               for ms, o in zip(sub["method_set"], sub["objective"])])
-        row_order = sub.sort_values("row_order")["row"].drop_duplicates().tolist()
+        row_order = sub.sort_values("row_order", kind="stable")["row"].drop_duplicates().tolist()
         lines, long_rows, means = {}, [], {}
         tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
+        # (label, records, is_teacher, reference row name)
         teacher_rows = []
         if len(tsub):
             for obj in tsub["objective"].drop_duplicates():
-                teacher_rows.append((f"Teacher ({obj})", tsub[tsub["objective"] == obj], "teacher"))
-        student_rows = [(r, sub[sub["row"] == r], None) for r in row_order]
-        for label, rows, fixed_method in teacher_rows + student_rows:
+                trows = tsub[tsub["objective"] == obj]
+                # The reference tables' teacher row is the CE-trained teacher.
+                is_ce = "objective_name" in trows and (trows["objective_name"] == "ce").all()
+                teacher_rows.append((f"Teacher ({obj})", trows, True, "teacher" if is_ce else None))
+        student_rows = [(r, sub[sub["row"] == r], False,
+                         sub[sub["row"] == r].iloc[0]["ref_method"]) for r in row_order]
+        for label, rows, is_teacher, method in teacher_rows + student_rows:
             cells = []
             for pair in pairs:
                 prow = rows[rows["pair"] == pair]
@@ -110,8 +122,7 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
                 refval = None
                 if reference and len(prow):
                     srow = sub[sub["pair"] == pair].iloc[0]
-                    method = fixed_method or (rows.iloc[0]["ref_method"] if "ref_method" in rows else None)
-                    if method and srow["ref_teacher"] and srow["ref_student"]:
+                    if _present(method) and srow["ref_teacher"] and srow["ref_student"]:
                         refval = ref.get((reference["table"], reference["dataset"],
                                           srow["ref_teacher"], srow["ref_student"], method))
                 if refval is not None and not math.isnan(mean):
@@ -119,8 +130,9 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
                 elif refval is not None:
                     text += f" · paper {refval:.2f}"
                 cells.append(text)
-                means[(label, pair)] = (mean, fixed_method is None)
-                long_rows.append({"group": group, "dataset": dataset, "row": label, "pair": pair,
+                means[(label, pair)] = (mean, not is_teacher)
+                long_rows.append({"group": group, "dataset": dataset, "row": label,
+                                  "kind": "teacher" if is_teacher else "student", "pair": pair,
                                   "metric": metric, "mean": mean,
                                   "std": prow["top1"].dropna().std(ddof=1) if prow["top1"].notna().sum() > 1 else 0.0,
                                   "n": int(prow["top1"].notna().sum()), "paper": refval})
@@ -153,6 +165,11 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
 DIAGNOSTICS = ("top1", "entropy_T", "nontarget_mass_T", "d_intra", "d_inter", "d_intra_over_inter")
 
 
+def _present(value) -> bool:
+    """A reference row name that is set (pandas turns a missing one into None or NaN)."""
+    return isinstance(value, str) and bool(value)
+
+
 def _diagnostics_table(tsub: pd.DataFrame) -> str:
     rows = []
     for (pair, obj), g in tsub.groupby(["pair", "objective"], sort=False):
@@ -171,7 +188,10 @@ def _diagnostics_table(tsub: pd.DataFrame) -> str:
 
 
 def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
-                      reference_file: str | None = None) -> list[Path]:
+                      reference_file: str | None = None, plot: bool = True) -> list[Path]:
+    """Writes leaderboard.md, leaderboard.csv and (with matplotlib) leaderboard.png into
+    ``out_dir``; returns the paths written. Without matplotlib the plot is skipped with one
+    line on stderr."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     if not runs_dir.exists():
         raise UserError(f"{runs_dir}: runs folder does not exist")
@@ -183,4 +203,12 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
     atomic_write_bytes(written[0], md.encode())
     long = pd.DataFrame([r for *_, rows in tables for r in rows])
     atomic_write_bytes(written[1], long.to_csv(index=False).encode())
+    if plot:
+        from kdbench.plot import MissingMatplotlib, write_plot
+
+        try:
+            written.append(write_plot([(title, rows) for title, _, rows in tables], metric,
+                                      out_dir / "leaderboard.png"))
+        except MissingMatplotlib as exc:
+            print(f"kdbench leaderboard: {exc}", file=sys.stderr)
     return written
