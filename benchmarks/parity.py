@@ -93,7 +93,7 @@ def batch_to(batch, device, dtype):
                  epoch=batch.epoch, epochs=batch.epochs, step=batch.step)
 
 
-def flat_grad(modules, ids=None):
+def flat_grad(modules):
     gs = []
     seen = set()
     for m in modules:
