@@ -327,6 +327,7 @@ class GridRunner:
         self._snapshot = {s.id: self._record_key(s) for s in todo}
         self.attempted: dict[str, str] = {}  # run id -> outcome in this process
         self._pending_teachers = {s.id for s in todo if s.kind == "teacher"}
+        self._busy: dict[str, str] = {}  # run id -> why it had to wait
         with self._stop:
             self._run_queue(list(todo), summary)
         summary.signal = self._stop.signum
@@ -348,9 +349,9 @@ class GridRunner:
                 elif outcome == "failed" and self.fail_fast:
                     return
             if busy and len(busy) == len(todo):  # nothing else to do: wait for the others
-                waiting = [f"{s.id} ({self._lock(s).holder()})" for s in busy if s.id not in announced]
+                waiting = [f"{s.id} ({self._busy[s.id]})" for s in busy if s.id not in announced]
                 if waiting:
-                    self.progress.log(f"waiting for {len(busy)} run(s) that other processes hold: "
+                    self.progress.log(f"waiting for {len(busy)} run(s) held up by other processes: "
                                       + ", ".join(waiting))
                     announced.update(s.id for s in busy)
                 time.sleep(WAIT_POLL_S)
@@ -370,14 +371,19 @@ class GridRunner:
         if spec.teacher is not None and self.store.status("teacher", spec.teacher.id) != "done":
             t = spec.teacher
             outcome = self.attempted.get(t.id)  # what became of it in this process, if tried
-            if outcome is None and (t.id in self._pending_teachers or self._locked(t)):
-                return "busy"  # we train it first, or another process is training it
+            if outcome is None and t.id in self._pending_teachers:
+                self._busy[spec.id] = f"its teacher {t.id} is not trained yet"
+                return "busy"  # we train it first (or wait for the process that trains it)
+            if outcome is None and self._locked(t):
+                self._busy[spec.id] = f"its teacher {t.id} is being trained by {self._lock(t).holder()}"
+                return "busy"
             reason = outcome or self.store.status("teacher", t.id) or "not trained"
             hint = " (rerun with --retry-diverged to train it again)" if reason == "diverged" else ""
             self._record_failure(spec, f"teacher {t.id} {reason}{hint}", summary, started=False)
             return "failed"
         lock = self._lock(spec)
         if not lock.try_acquire():
+            self._busy[spec.id] = f"being trained by {lock.holder()}"
             return "busy"
         with lock:
             # Someone else may have run it since we planned: then it is theirs.
