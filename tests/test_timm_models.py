@@ -82,6 +82,8 @@ def test_output_protocol_matches_timm(registry, train, name):
     assert [SIZE // f.shape[-1] for f in out.feats] == [d["reduction"] for d in info]
     assert model.stage_channels() == [f.shape[1] for f in out.feats[1:]]
     assert [p.shape for p in out.preact_feats] == [f.shape for f in out.feats]
+    # The state dict is timm's own, under the wrapper's "model." prefix, nothing twice.
+    assert [k for k in model.state_dict()] == [f"model.{k}" for k in model.model.state_dict()]
 
 
 def test_resnet_exposes_real_preactivations(registry, train):

@@ -184,9 +184,11 @@ class TimmModel(KDModel):
         self.model = _create(params, num_classes)
         self._levels = _feature_levels(self.model, params.model)
         self._intermediates = hasattr(self.model, "forward_intermediates")
-        self._classifier = self.model.get_classifier() if hasattr(self.model, "get_classifier") \
+        # Kept out of the module tree (it is already registered inside self.model; registering
+        # it again would duplicate its weights in the state dict).
+        classifier = self.model.get_classifier() if hasattr(self.model, "get_classifier") \
             else None
-        if not isinstance(self._classifier, nn.Module) or isinstance(self._classifier, nn.Identity):
+        if not isinstance(classifier, nn.Module) or isinstance(classifier, nn.Identity):
             raise UserError(f"timm model {params.model!r} has no classifier layer to read the "
                             "pooled features from")
         self._preact = None
@@ -196,7 +198,7 @@ class TimmModel(KDModel):
             except ValueError:
                 self._preact = None  # an unusual ResNet variant: fall back to feats
         self._captured: dict[str, Any] = {}
-        self._classifier.register_forward_pre_hook(self._grab_pooled)
+        classifier.register_forward_pre_hook(self._grab_pooled)
         if self._preact is not None:
             for i, act in enumerate(self._preact.acts):
                 act.register_forward_pre_hook(self._grab(f"pre{i}"))
@@ -218,6 +220,11 @@ class TimmModel(KDModel):
         def hook(module, args, output):
             self._captured[key] = output
         return hook
+
+    def remap_published_keys(self, keys: list[str]) -> dict[str, str]:
+        """For kdbench.published: a bare timm state dict (``conv1.weight``) maps onto this
+        wrapper's ``model.`` prefix; a state dict of this wrapper is already in place."""
+        return {k: f"model.{k}" for k in keys if not k.startswith("model.")}
 
     # protocol --------------------------------------------------------------------------
     def stage_channels(self) -> list[int]:
