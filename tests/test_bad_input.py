@@ -1,0 +1,213 @@
+"""Bad recipes and bad data: exit status 2, one clear message that names the file and the fix,
+no traceback. Most cases run the CLI in this process (an exception escaping ``main`` would fail
+the test just as a traceback would); two run it as a real subprocess."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdbench.api import KDModel, ModelOutput, NoParams
+from kdbench.cli import main
+
+
+def _recipe(tiny_recipe, *edits: tuple[str, str], extra: str = "") -> Path:
+    """The tiny test recipe with ``old -> new`` text replacements (each must apply)."""
+    path = tiny_recipe(extra=extra)
+    text = path.read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    path.write_text(text)
+    return path
+
+
+def _fails(capsys, args, *needles: str) -> str:
+    """``kdbench ARGS`` exits 2 with one 'kdbench: error:' message containing every needle."""
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("kdbench: error: ") and err.count("kdbench: error:") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in: {err}"
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# The recipe file itself
+# ------------------------------------------------------------------------------------------------
+def test_not_toml_empty_missing_and_folder(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = not [toml")
+    _fails(capsys, ["run", str(bad)], str(bad), "not valid TOML")
+    empty = tmp_path / "empty.toml"
+    empty.write_text("\n  \n")
+    _fails(capsys, ["run", str(empty)], str(empty), "empty", "recipes/smoke.toml")
+    _fails(capsys, ["run", str(tmp_path / "missing.toml")], "missing.toml")
+    _fails(capsys, ["validate", str(tmp_path)], str(tmp_path), "folder")
+
+
+@pytest.mark.parametrize("where, edit, message", [
+    ("top", ('name = "tiny"', 'name = "tiny"\noutptu = "x"'), "outptu: unknown key (did you mean 'output'?)"),
+    ("dataset", ("num_classes = 4", "num_clases = 4"), "dataset.num_clases: unknown key for 'synthetic' (did you mean 'num_classes'?)"),
+    ("pairs", ('label = "T→S"', 'lable = "T→S"'), "pairs[0].lable: unknown key (did you mean 'label'?)"),
+    ("model", ('teacher = { name = "wrn_16_2", width_mult = 0.25 }',
+               'teacher = { name = "wrn_16_2", widht_mult = 0.25 }'),
+     "pairs[0].teacher.widht_mult: unknown key for 'wrn_16_2' (did you mean 'width_mult'?)"),
+    ("objective", ('[[teacher_objectives]]\nname = "ce"', '[[teacher_objectives]]\nname = "ce"\nlamda = 1'),
+     "teacher_objectives[0].lamda: unknown key for 'ce'"),
+    ("method set", ('label = "KD"', 'labl = "KD"'), "method_sets[1].labl: unknown key (did you mean 'label'?)"),
+    ("method", ('{ name = "kd", weight = 0.9 }', '{ name = "kd", weight = 0.9, temprature = 4 }'),
+     "method_sets[1].methods[1].temprature: unknown key for 'kd' (did you mean 'temperature'?)"),
+    ("schedule", ("[teacher_schedule]\nepochs = 2", "[teacher_schedule]\nepoch = 2"),
+     "teacher_schedule.epoch: unknown key (did you mean 'epochs'?)"),
+    ("reference", ('table = "Table 1"', 'tabel = "Table 1"'), "reference.tabel: unknown key (did you mean 'table'?)"),
+])
+def test_unknown_keys_at_every_level(tiny_recipe, capsys, where, edit, message):
+    recipe = _recipe(tiny_recipe, edit)
+    _fails(capsys, ["validate", str(recipe)], str(recipe), message, "line ")
+    _fails(capsys, ["run", str(recipe)], message)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("[teacher_schedule]\nepochs = 2", '[teacher_schedule]\nepochs = "two"'), "teacher_schedule.epochs: expected an integer, got 'two'"),
+    (("seeds = [0]", 'seeds = "0"'), "seeds: expected an array"),
+    (('device = "cpu"', 'device = "cpu"\ndeterministic = "maybe"'), "deterministic: expected true or false"),
+    (("[student_schedule]\nepochs = 1\nbatch_size = 16\nlr = 0.05", "[student_schedule]\nepochs = 1\nbatch_size = 16\nlr = \"fast\""),
+     "student_schedule.lr: expected a number, got 'fast'"),
+    (('{ name = "kd", weight = 0.9 }', '{ name = "kd", weight = 0.9, temperature = "hot" }'), "temperature: expected a number"),
+    (('teacher = { name = "wrn_16_2", width_mult = 0.25 }', "teacher = 3"), "pairs[0].teacher"),
+    (("[teacher_schedule]\nepochs = 2", "[teacher_schedule]\nepochs = 0"), "teacher_schedule.epochs: Input should be greater than 0"),
+    (("[teacher_schedule]\nepochs = 2", "[teacher_schedule]\nepochs = -3"), "teacher_schedule.epochs"),
+    (("batch_size = 16", "batch_size = 0"), "teacher_schedule.batch_size"),
+    (("lr = 0.05", "lr = -0.1"), "teacher_schedule.lr: Input should be greater than 0"),
+    (("lr = 0.05", "lr = 0"), "teacher_schedule.lr"),
+    (('device = "cpu"', 'device = "cpu"\ncheckpoint_every_steps = 0'), "checkpoint_every_steps"),
+    (('{ name = "kd", weight = 0.9 }', '{ name = "kd", weight = 0.9, temperature = -1 }'), "temperature: Input should be greater than 0"),
+    (('{ name = "kd", weight = 0.9 }', '{ name = "kdd", weight = 0.9 }'), "unknown student method 'kdd' (did you mean 'kd'?)"),
+    (('[dataset]\nname = "synthetic"', '[dataset]\nname = "synthetc"'), "unknown dataset 'synthetc' (did you mean 'synthetic'?)"),
+    (('name = "ce"', 'name = "margin"'), "teacher_objectives[0].name: unknown teacher objective 'margin'"),
+    (('student = { name = "wrn_16_2", width_mult = 0.25 }', 'student = { name = "wrn_16_3" }'), "unknown model 'wrn_16_3'"),
+    (('device = "cpu"', 'device = "cuda:99"'), "device = 'cuda:99'"),
+    (('device = "cpu"', 'device = "tpu"'), "device = 'tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_wrong_types_values_and_names(tiny_recipe, capsys, edit, message):
+    recipe = _recipe(tiny_recipe, edit)
+    _fails(capsys, ["run", str(recipe)], str(recipe), message)
+
+
+def test_device_that_does_not_exist(tiny_recipe, capsys):
+    recipe = tiny_recipe()
+    _fails(capsys, ["run", str(recipe), "--device", "cuda:99"], "'cuda:99'")
+    _fails(capsys, ["run", str(recipe), "--device", "tpu"], "'tpu'", "use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    _fails(capsys, ["run", str(recipe), "--checkpoint-every", "0"], "--checkpoint-every")
+    if not torch.cuda.is_available():
+        _fails(capsys, ["run", str(recipe), "--device", "cuda"], "no CUDA device is available")
+        cuda = _recipe(tiny_recipe, ('device = "cpu"', 'device = "cuda"'))
+        _fails(capsys, ["run", str(cuda)], str(cuda), "no CUDA device is available here")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data that does not exist or is broken; nets that do not take the data
+# ------------------------------------------------------------------------------------------------
+def _dataset(tiny_recipe, table: str) -> Path:
+    return _recipe(tiny_recipe, ("[dataset]\nname = \"synthetic\"\nnum_classes = 4\ntrain_per_class = 12\n"
+                                 "test_per_class = 6\nimage_size = 16", table))
+
+
+def test_dataset_root_that_does_not_exist(tiny_recipe, tmp_path, capsys):
+    root = tmp_path / "nowhere"
+    recipe = _dataset(tiny_recipe, f'[dataset]\nname = "cifar10"\nroot = "{root.as_posix()}"')
+    _fails(capsys, ["run", str(recipe)], f"CIFAR-10 not found at {root / 'cifar-10-batches-py'}",
+           "fix dataset.root")
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("record.json"))
+
+
+def test_cifar_folder_with_a_truncated_batch_file(tiny_recipe, tmp_path, capsys):
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    good = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(good)
+    (folder / "data_batch_3").write_bytes(good[: len(good) // 2])  # a cut-off download
+    recipe = _dataset(tiny_recipe, f'[dataset]\nname = "cifar10"\nroot = "{(tmp_path / "cifar").as_posix()}"')
+    _fails(capsys, ["run", str(recipe)], str(folder / "data_batch_3"), "truncated or corrupt",
+           "download again")
+
+
+def test_tiny_imagenet_without_val_annotations(tiny_recipe, tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "tiny-imagenet-200"
+    for wnid in ("n01", "n02"):
+        (root / "train" / wnid / "images").mkdir(parents=True)
+        Image.new("RGB", (64, 64), (10, 20, 30)).save(root / "train" / wnid / "images" / f"{wnid}_0.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(root / "val" / "images" / "val_0.JPEG")
+    (root / "wnids.txt").write_text("n01\nn02\n")
+    recipe = _dataset(tiny_recipe, f'[dataset]\nname = "tiny_imagenet"\nroot = "{root.as_posix()}"\ncache = false')
+    _fails(capsys, ["run", str(recipe)], str(root / "val" / "val_annotations.txt"), "missing")
+
+
+def test_nets_that_do_not_take_the_images(tiny_recipe, tmp_path, capsys):
+    """1-channel images for 3-channel nets: found by a forward of two images before training."""
+    recipe = _dataset(tiny_recipe, '[dataset]\nname = "synthetic"\nnum_classes = 4\ntrain_per_class = 4\n'
+                                   'test_per_class = 2\nimage_size = 16\nchannels = 1')
+    _fails(capsys, ["run", str(recipe)], str(recipe), "teacher of pair 'T→S': model 'wrn_16_2' cannot take "
+           "the dataset's images (1 channels, 16x16)")
+    assert not list((tmp_path / "runs").rglob("record.json"))
+
+
+class Fixed32(KDModel):
+    """A model that only takes 32x32 inputs (like a ViT with a fixed img_size): declares it."""
+
+    input_size = 32
+
+    def __init__(self, num_classes, params):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, num_classes)
+
+    def forward(self, x):
+        logits = self.fc(x.flatten(1))
+        return ModelOutput(logits, [x], [x], x.flatten(1))
+
+
+def test_pair_whose_nets_need_another_input_size(tiny_recipe, monkeypatch, capsys):
+    import kdbench.registry as registry
+    from kdbench.registry import Plugin
+
+    original = registry.load_registry
+
+    def load(*args, **kwargs):
+        reg = original(*args, **kwargs)
+        reg.plugins["model"]["fixed32"] = [Plugin("model", "fixed32", Fixed32, NoParams, "", "tests", "0", __name__)]
+        return reg
+
+    monkeypatch.setattr(registry, "load_registry", load)
+    recipe = _recipe(tiny_recipe, ('student = { name = "wrn_16_2", width_mult = 0.25 }',
+                                   'student = { name = "fixed32" }'))
+    _fails(capsys, ["run", str(recipe)], str(recipe), "student of pair 'T→S': model 'fixed32' takes "
+           "32x32 images, but the dataset 'synthetic' has 16x16 images")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real process: status 2 and no traceback
+# ------------------------------------------------------------------------------------------------
+def test_subprocess_exit_2_without_traceback(tiny_recipe, tmp_path):
+    import os
+
+    env = {**os.environ, "KDBENCH_ONLY_DISTS": "kdbench"}
+    bad = _recipe(tiny_recipe, ("batch_size = 16", "batch_size = -4"))
+    missing = _dataset(tiny_recipe, f'[dataset]\nname = "cifar100"\nroot = "{(tmp_path / "no").as_posix()}"')
+    for recipe in (bad, missing):
+        proc = subprocess.run([sys.executable, "-m", "kdbench", "run", str(recipe)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("kdbench: error: ") and "Traceback" not in proc.stderr
