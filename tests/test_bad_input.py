@@ -179,7 +179,24 @@ class Fixed32(KDModel):
         return ModelOutput(logits, [x], [x], x.flatten(1))
 
 
-def test_pair_whose_nets_need_another_input_size(tiny_recipe, monkeypatch, capsys):
+class NonDeterministic(Fixed32):
+    """Uses an op without a deterministic implementation (as adaptive average pooling's
+    backward is on CUDA)."""
+
+    input_size = None
+
+    def __init__(self, num_classes, params):
+        super().__init__(num_classes, params)
+        self.fc = nn.Linear(3 * 16 * 16, num_classes)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():  # put_ without accumulate has no deterministic version
+            torch.zeros(2, device=x.device).put_(torch.tensor([0, 0], device=x.device),
+                                                 torch.ones(2, device=x.device))
+        return super().forward(x)
+
+
+def _add_model(monkeypatch, name, factory):
     import kdbench.registry as registry
     from kdbench.registry import Plugin
 
@@ -187,10 +204,25 @@ def test_pair_whose_nets_need_another_input_size(tiny_recipe, monkeypatch, capsy
 
     def load(*args, **kwargs):
         reg = original(*args, **kwargs)
-        reg.plugins["model"]["fixed32"] = [Plugin("model", "fixed32", Fixed32, NoParams, "", "tests", "0", __name__)]
+        reg.plugins["model"][name] = [Plugin("model", name, factory, NoParams, "", "tests", "0", __name__)]
         return reg
 
     monkeypatch.setattr(registry, "load_registry", load)
+
+
+def test_deterministic_with_an_op_that_has_no_deterministic_implementation(tiny_recipe, monkeypatch,
+                                                                            capsys):
+    _add_model(monkeypatch, "nondet", NonDeterministic)
+    recipe = _recipe(tiny_recipe, ('teacher = { name = "wrn_16_2", width_mult = 0.25 }',
+                                   'teacher = { name = "nondet" }'),
+                     ('device = "cpu"', 'device = "cpu"\ndeterministic = true'))
+    _fails(capsys, ["run", str(recipe)], str(recipe), "teacher of pair 'T→S': model 'nondet': "
+           "deterministic = true, but put_ does not have a deterministic implementation",
+           "set deterministic = false")
+
+
+def test_pair_whose_nets_need_another_input_size(tiny_recipe, monkeypatch, capsys):
+    _add_model(monkeypatch, "fixed32", Fixed32)
     recipe = _recipe(tiny_recipe, ('student = { name = "wrn_16_2", width_mult = 0.25 }',
                                    'student = { name = "fixed32" }'))
     _fails(capsys, ["run", str(recipe)], str(recipe), "student of pair 'T→S': model 'fixed32' takes "

@@ -218,8 +218,8 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
         # One host read per epoch: every accumulated metric at once.
         term_sums, seen = acc["terms"], acc["seen"]
         names = list(term_sums)
-        values = torch.stack([acc["loss"], acc["correct"].float(), acc["first_bad"].float(),
-                              *[term_sums[k] for k in names]]).tolist()
+        values = torch.stack([t.double() for t in (acc["loss"], acc["correct"], acc["first_bad"],
+                                                   *[term_sums[k] for k in names])]).tolist()
         first_bad = int(values.pop(2))
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": values[0] / seen, "train_top1": 100.0 * values[1] / seen}
         record.update({f"loss_{k}": v / seen for k, v in zip(names, values[2:])})

@@ -284,6 +284,7 @@ class GridRunner:
         Problems are UserErrors, raised before any training."""
         train, _ = self.data()
         c, h, w = (int(v) for v in train.images.shape[1:])
+        seed_everything(0, self.recipe.deterministic)  # each run seeds again; this sets the mode
         checked = set()
         for spec in specs:
             model_spec = spec.spec["model"]
@@ -309,7 +310,25 @@ class GridRunner:
                 raise UserError(f"{where} cannot take the dataset's images ({c} channels, {h}x{w}): "
                                 f"{type(exc).__name__}: {msg}; choose a model or dataset that fit "
                                 "together") from None
+            if self.recipe.deterministic:
+                self._check_deterministic(model, train, where)
             del model
+
+    def _check_deterministic(self, model: nn.Module, train: DeviceData, where: str) -> None:
+        """With deterministic = true, an op without a deterministic implementation raises at
+        its first use (e.g. adaptive average pooling's backward on CUDA): find that out for the
+        model before training, with one forward and backward of two images."""
+        model.train()
+        try:
+            model(train.normalize(train.images[:2])).logits.float().sum().backward()
+        except Exception as exc:
+            text = " ".join(str(exc).split())
+            if "deterministic" in text:
+                raise UserError(f"{where}: deterministic = true, but {text.split('. ')[0]} on "
+                                f"{self.device}; set deterministic = false in the recipe (or "
+                                "train on the CPU)") from None
+            raise UserError(f"{where} cannot train on the dataset's images: "
+                            f"{type(exc).__name__}: {text[:300]}") from None
 
     # ------------------------------------------------------------------ running
     def run(self) -> Summary:
