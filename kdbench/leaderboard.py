@@ -61,12 +61,14 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = pd.DataFrame(rows)
     trows = []
     for key, sub in df.dropna(subset=["teacher_id"]).groupby(["group", "dataset", "pair", "objective"]):
+        pair_order = int(sub["pair_order"].min())
         for tid in sub["teacher_id"].unique():
             t = teachers.get(tid)
             if t is None:
                 continue
             ok = t["status"] == "done"
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
+                          "pair_order": pair_order,
                           "objective_name": ((t.get("spec") or {}).get("objective") or {}).get("name"),
                           "teacher_id": tid, "status": t["status"],
                           "top1": t[metric]["top1"] if ok else math.nan,
@@ -104,6 +106,8 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
         row_order = sub.sort_values("row_order", kind="stable")["row"].drop_duplicates().tolist()
         lines, long_rows, means = {}, [], {}
         tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
+        if len(tsub):  # the diagnostics table lists the pairs in column order
+            tsub = tsub.sort_values("pair_order", kind="stable")
         # (label, records, is_teacher, reference row name)
         teacher_rows = []
         if len(tsub):
