@@ -160,9 +160,18 @@ def test_nets_that_do_not_take_the_images(tiny_recipe, tmp_path, capsys):
     """1-channel images for 3-channel nets: found by a forward of two images before training."""
     recipe = _dataset(tiny_recipe, '[dataset]\nname = "synthetic"\nnum_classes = 4\ntrain_per_class = 4\n'
                                    'test_per_class = 2\nimage_size = 16\nchannels = 1')
-    _fails(capsys, ["run", str(recipe)], str(recipe), "teacher of pair 'T→S': model 'wrn_16_2' cannot take "
-           "the dataset's images (1 channels, 16x16)")
+    _fails(capsys, ["run", str(recipe)], str(recipe), "teacher of pair 'T→S': model 'wrn_16_2' "
+           "(width_mult=0.25) cannot take the dataset's images (1 channels, 16x16)")
     assert not list((tmp_path / "runs").rglob("record.json"))
+
+
+def test_timm_model_with_a_fixed_input_size(tiny_recipe, capsys):
+    """A ViT built for 224x224 images paired with a 16x16 student on 16x16 data."""
+    recipe = _recipe(tiny_recipe, ('teacher = { name = "wrn_16_2", width_mult = 0.25 }',
+                                   'teacher = { name = "timm", model = "vit_tiny_patch16_224" }'))
+    _fails(capsys, ["run", str(recipe)], str(recipe), "teacher of pair 'T→S': model 'timm' "
+           "(model='vit_tiny_patch16_224') cannot take the dataset's images (3 channels, 16x16)",
+           "Input height (16) doesn't match model (224)")
 
 
 class Fixed32(KDModel):

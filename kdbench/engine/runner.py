@@ -294,7 +294,9 @@ class GridRunner:
             checked.add(key)
             role = (f"teacher of pair {spec.meta.get('pair')!r}" if spec.kind == "teacher"
                     else f"student of pair {spec.meta.get('pair')!r}")
-            where = f"{self.loaded.path}: {role}: model {model_spec['name']!r}"
+            params = ", ".join(f"{k}={v!r}" for k, v in (model_spec.get("params") or {}).items())
+            where = (f"{self.loaded.path}: {role}: model {model_spec['name']!r}"
+                     + (f" ({params})" if params else ""))
             model = build_model(self.registry, model_spec, train.num_classes)
             size = getattr(model, "input_size", None)
             if size is not None:
@@ -306,7 +308,7 @@ class GridRunner:
             try:
                 dummy_forward(model.to(self.device), train)
             except Exception as exc:
-                msg = " ".join(str(exc).split())[:300]
+                msg = " ".join(str(exc).split())[:300].rstrip(".")
                 raise UserError(f"{where} cannot take the dataset's images ({c} channels, {h}x{w}): "
                                 f"{type(exc).__name__}: {msg}; choose a model or dataset that fit "
                                 "together") from None
