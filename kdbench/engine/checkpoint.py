@@ -164,8 +164,7 @@ class Checkpointer:
             "epoch": epoch, "batch": batch, "step": step,
             "modules": [module_state(m, with_buffers="buffers" not in self.omit) for m in modules],
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": None,  # no AMP grad scaler: bf16 autocast needs none
+            "scheduler": scheduler.state_dict(),  # (no AMP grad scaler: bf16 autocast needs none)
             "rng": None if "rng" in self.omit else capture_rng(),
             "data_generator": epoch_gen_state,
             "epochs": epochs,
