@@ -135,11 +135,11 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
                     text += f" · paper {refval:.2f}"
                 cells.append(text)
                 means[(label, pair)] = (mean, not is_teacher)
-                long_rows.append({"group": group, "dataset": dataset, "row": label,
-                                  "kind": "teacher" if is_teacher else "student", "pair": pair,
+                long_rows.append({"group": group, "dataset": dataset, "row": label, "pair": pair,
                                   "metric": metric, "mean": mean,
                                   "std": prow["top1"].dropna().std(ddof=1) if prow["top1"].notna().sum() > 1 else 0.0,
-                                  "n": int(prow["top1"].notna().sum()), "paper": refval})
+                                  "n": int(prow["top1"].notna().sum()), "paper": refval,
+                                  "kind": "teacher" if is_teacher else "student"})
             lines[label] = cells
         # Bold the best student row per column.
         for j, pair in enumerate(pairs):
