@@ -111,3 +111,26 @@ def test_student_waits_for_a_teacher_held_by_another_process(tiny_recipe, tmp_pa
     order = [m for m in DONE.findall(err)]
     assert len(order) == 3 and order[1] == teacher_id  # the teacherless student went first
     assert err.index("[Student]") < err.index("waiting for 2 run(s)") < err.index(f"({teacher_id}): done")
+
+
+def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tiny_recipe, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Another process finishes the teacher after this one planned the grid (while it checks
+    the models): this process takes the finished teacher and trains only the students."""
+    import shutil
+
+    recipe = tiny_recipe()
+    assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "elsewhere")]) == 0
+    capsys.readouterr()
+    check = runner.GridRunner.check_inputs
+
+    def check_while_the_other_process_finishes(self, specs):
+        check(self, specs)
+        shutil.copytree(tmp_path / "elsewhere" / "teachers", tmp_path / "runs" / "teachers")
+
+    monkeypatch.setattr(runner.GridRunner, "check_inputs", check_while_the_other_process_finishes)
+    assert main(["run", str(recipe), "--plain"]) == 0
+    err = capsys.readouterr().err
+    assert "[ce] seed 0" in err and "done by another process" in err
+    assert [m for m in DONE.findall(err) if m.startswith("t-")] == []
+    assert "kdbench: 2 done, 1 skipped (already done)" in err

@@ -335,6 +335,9 @@ class GridRunner:
     # ------------------------------------------------------------------ running
     def run(self) -> Summary:
         summary = Summary()
+        # What each record looked like before we planned (taken first, so that a run finished
+        # by another process in between is noticed): a change means another process ran it.
+        self._snapshot = {s.id: self._record_key(s) for s in self.teachers + self.students}
         plan = self.plan()
         todo_students = [s for s, done in plan["students"] if not done]
         summary.skipped += [s.id for s, done in plan["students"] if done]
@@ -344,8 +347,6 @@ class GridRunner:
             return summary
         self.data()  # dataset errors surface before any training
         self.check_inputs(todo)
-        # What each record looked like when we planned: a change means another process ran it.
-        self._snapshot = {s.id: self._record_key(s) for s in todo}
         self.attempted: dict[str, str] = {}  # run id -> outcome in this process
         self._pending_teachers = {s.id for s in todo if s.kind == "teacher"}
         self._busy: dict[str, str] = {}  # run id -> why it had to wait
@@ -385,7 +386,8 @@ class GridRunner:
 
     def _record_key(self, spec: RunSpec):
         rec = self.store.record(spec.kind, spec.id) or {}
-        return rec.get("status"), json.dumps(rec.get("trained_by"), sort_keys=True)
+        return (self.store.status(spec.kind, spec.id),
+                json.dumps(rec.get("trained_by"), sort_keys=True, default=str))
 
     def _attempt(self, spec: RunSpec, summary: Summary) -> str:
         """Run ``spec`` unless another process holds it: 'busy', or the run's outcome."""
@@ -410,7 +412,8 @@ class GridRunner:
             # Someone else may have run it since we planned: then it is theirs.
             key = self._record_key(spec)
             status = key[0]
-            if key != self._snapshot.get(spec.id) and status in ("done", "diverged", "failed"):
+            by_other = key != self._snapshot.get(spec.id)
+            if self._finished(status) or (by_other and status in ("diverged", "failed")):
                 self.progress.log(f"{spec.describe} ({spec.id}): {status} by another process")
                 (summary.skipped if status == "done" else
                  summary.diverged if status == "diverged" else summary.failed).append(spec.id)
