@@ -250,6 +250,9 @@ class GridRunner:
         self._stop = StopSignals()
         self._snapshot: dict[str, object] = {}
         self._trained_by: dict | None = None  # who trains the current run (for its record)
+        self.attempted: dict[str, str] = {}  # run id -> its outcome in this process
+        self._pending_teachers: set[str] = set()  # teachers of our queue not attempted yet
+        self._busy: dict[str, str] = {}  # run id -> why it had to wait
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> dict:
@@ -347,9 +350,7 @@ class GridRunner:
             return summary
         self.data()  # dataset errors surface before any training
         self.check_inputs(todo)
-        self.attempted: dict[str, str] = {}  # run id -> outcome in this process
         self._pending_teachers = {s.id for s in todo if s.kind == "teacher"}
-        self._busy: dict[str, str] = {}  # run id -> why it had to wait
         with self._stop:
             self._run_queue(list(todo), summary)
         summary.signal = self._stop.signum
