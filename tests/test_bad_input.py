@@ -189,8 +189,8 @@ class Fixed32(KDModel):
 
 
 class NonDeterministic(Fixed32):
-    """Uses an op without a deterministic implementation (as adaptive average pooling's
-    backward is on CUDA)."""
+    """Uses an op without a deterministic implementation (as some pooling and upsampling
+    backward ops are on CUDA)."""
 
     input_size = None
 

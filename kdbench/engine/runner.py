@@ -321,8 +321,9 @@ class GridRunner:
 
     def _check_deterministic(self, model: nn.Module, train: DeviceData, where: str) -> None:
         """With deterministic = true, an op without a deterministic implementation raises at
-        its first use (e.g. adaptive average pooling's backward on CUDA): find that out for the
-        model before training, with one forward and backward of two images."""
+        its first use (on CUDA e.g. the backward of non-global adaptive pooling or of upsampling):
+        find that out for the model before training, with one forward and backward of two
+        images. Ops used only by a method are not covered: they fail the run, with the op named."""
         model.train()
         try:
             model(train.normalize(train.images[:2])).logits.float().sum().backward()
