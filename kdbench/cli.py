@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-diverged", action="store_true",
                      help="train runs recorded as diverged again (default: keep them as results)")
     run.add_argument("--plain", action="store_true", help="plain progress lines, no bars")
+    run.add_argument("--launcher", choices=["inline", "local", "slurm"],
+                     help="inline: this process trains the grid (default; or the recipe's "
+                          "launcher); local: a worker process per device; slurm: job arrays")
+    run.add_argument("--devices", metavar="D1,D2,...",
+                     help="local launcher: one worker per device (cuda:0,cuda:1 or cpu,cpu)")
+    run.add_argument("--workers", type=int, metavar="N", help="local launcher: N CPU workers")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a recipe without running it")
@@ -98,6 +104,13 @@ def cmd_run(args) -> int:
     if args.dry_run:
         _print_plan(runner)
         return 0
+    launcher = args.launcher or loaded.recipe.launcher
+    if launcher != "local" and (args.devices or args.workers):
+        raise UserError("--devices and --workers go with --launcher local")
+    if launcher != "inline":
+        from kdbench.launchers import launch
+
+        return launch(launcher, args, loaded, registry)
     with progress:
         summary = runner.run()
     print(f"kdbench: {len(summary.done)} done, {len(summary.skipped)} skipped (already done), "

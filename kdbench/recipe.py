@@ -137,6 +137,8 @@ class Recipe(_Strict):
     output: str | None = None
     teacher_cache: str | None = None
     device: str = "auto"
+    launcher: Literal["inline", "local", "slurm"] = Field(
+        "inline", description="how the grid is run (kdbench run --launcher); not part of run ids")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deterministic: bool = False
     checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N "

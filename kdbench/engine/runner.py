@@ -437,7 +437,8 @@ class GridRunner:
         prev = self.store.record(spec.kind, spec.id) or {}
         self._trained_by = {"pid": os.getpid(), "host": socket.gethostname(),
                             "attempt": int((prev.get("trained_by") or {}).get("attempt", 0)) + 1,
-                            "resumed_from": None}
+                            "resumed_from": None,
+                            "launcher": os.environ.get("KDBENCH_LAUNCHER", "inline")}
         checkpointer = Checkpointer(self.store.run_dir(spec.kind, spec.id), self.checkpoint_every,
                                     warn=lambda msg: self.progress.log(f"  warning: {msg}"))
         try:

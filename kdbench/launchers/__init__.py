@@ -1,0 +1,43 @@
+"""Launchers: how the runs of a grid are spread over processes and machines.
+
+* ``inline`` (default): this process trains the whole grid, one run after the other
+  (:class:`kdbench.engine.runner.GridRunner`).
+* ``local``: a pool of worker processes on this machine, one per device
+  (:mod:`kdbench.launchers.local`).
+* ``slurm``: Slurm job arrays through submitit (:mod:`kdbench.launchers.slurm`).
+
+Every launcher ends up running ``GridRunner`` over (part of) the same grid, so they all write the
+same records; the per-run locks keep two processes from training one run.
+"""
+from __future__ import annotations
+
+LAUNCHERS = ("inline", "local", "slurm")
+LAUNCHER_ENV = "KDBENCH_LAUNCHER"  # set for the processes a launcher starts (for the record)
+
+
+def passthrough_args(args) -> list[str]:
+    """The ``kdbench run`` options every worker gets as well."""
+    out = []
+    if args.output:
+        out += ["--output", str(args.output)]
+    if args.fail_fast:
+        out.append("--fail-fast")
+    if args.checkpoint_every is not None:
+        out += ["--checkpoint-every", str(args.checkpoint_every)]
+    if args.retry_diverged:
+        out.append("--retry-diverged")
+    return out
+
+
+def launch(name: str, args, loaded, registry) -> int:
+    """Run the grid with launcher ``name`` (not ``inline``); the ``kdbench run`` exit status."""
+    if name == "local":
+        from kdbench.launchers.local import parse_devices, run_local
+
+        return run_local(loaded, registry, parse_devices(args.devices, args.workers),
+                         passthrough_args(args), plain=args.plain, retry_diverged=args.retry_diverged)
+    if name == "slurm":
+        from kdbench.launchers.slurm import run_slurm
+
+        return run_slurm(loaded, registry, args)
+    raise ValueError(f"unknown launcher {name!r}")

@@ -1,0 +1,116 @@
+"""Launchers: the local worker pool writes the same records as the inline launcher, trains each
+run once, and survives a worker killed mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RECIPE
+from kdbench.api import UserError
+from kdbench.cli import main
+from kdbench.launchers.local import KILL_WORKER_ENV, parse_devices
+
+DONE = re.compile(r"\(([ts]-[0-9a-f]{16})\): done top1=")
+METRICS = ("epochs", "final", "best", "weights_sha256")
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KDBENCH_TEST_")}
+    env["KDBENCH_ONLY_DISTS"] = "kdbench"
+    env["OMP_NUM_THREADS"] = "1"  # same threads for every process: bit-identical results
+    return env
+
+
+def _recipe(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.toml"
+    path.write_text(TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(),
+                                       seeds=[0, 1], extra=""))
+    return path
+
+
+def _kdbench(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdbench", "run", *map(str, args), "--plain"],
+                          env=env or _env(), capture_output=True, text=True, timeout=900)
+
+
+def _records(runs: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("record.json")}
+
+
+@pytest.fixture(scope="module")
+def inline_records(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inline")
+    proc = _kdbench(_recipe(folder))
+    assert proc.returncode == 0, proc.stderr
+    records = _records(folder / "runs")
+    assert len(records) == 6  # 2 teachers (one per seed), 4 students
+    return records
+
+
+def _same_metrics(records: dict, expected: dict) -> None:
+    assert records.keys() == expected.keys()
+    for run_id, rec in records.items():
+        assert rec["status"] == "done", (run_id, rec.get("error"))
+        for key in METRICS:
+            assert rec[key] == expected[run_id][key], (run_id, key)
+
+
+def test_local_launcher_two_workers_matches_inline(tmp_path, inline_records):
+    recipe = _recipe(tmp_path)
+    proc = _kdbench(recipe, "--launcher", "local", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\[6/6\] finished", proc.stderr), proc.stderr
+    records = _records(tmp_path / "runs")
+    _same_metrics(records, inline_records)
+    assert {r["trained_by"]["launcher"] for r in records.values()} == {"local"}
+    assert {r["trained_by"]["launcher"] for r in inline_records.values()} == {"inline"}
+    # Each run (shared teachers included) trained exactly once, by one of the workers.
+    logs = [p.read_text() for p in sorted((tmp_path / "runs" / "logs").glob("worker-*.log"))]
+    assert len(logs) == 2
+    trained = Counter(m for log in logs for m in DONE.findall(log))
+    assert trained == Counter({run_id: 1 for run_id in records}), trained
+    # Students start only once their teacher is done: each teacher's record was written first.
+    for rec in records.values():
+        if rec["kind"] == "student" and rec["teacher_id"]:
+            teacher = tmp_path / "runs" / "teachers" / rec["teacher_id"] / "record.json"
+            student = tmp_path / "runs" / "students" / rec["id"] / "record.json"
+            assert teacher.stat().st_mtime <= student.stat().st_mtime
+
+
+def test_killed_worker_loses_only_its_run_and_a_rerun_completes(tmp_path, inline_records):
+    recipe = _recipe(tmp_path)
+    env = _env()
+    env[KILL_WORKER_ENV] = "0:2"  # worker 0 SIGKILLs itself after step 2 of its first run
+    proc = _kdbench(recipe, "--launcher", "local", "--workers", "2", "--checkpoint-every", "1", env=env)
+    assert "worker cpu#0" in proc.stderr and "exited with status -9" in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 1), proc.stderr  # 0 if worker 1 finished the grid alone
+    rerun = _kdbench(recipe, "--launcher", "local", "--workers", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    records = _records(tmp_path / "runs")
+    _same_metrics(records, inline_records)  # the killed run resumed exactly from its checkpoint
+    resumed = [r for r in records.values() if r["trained_by"]["resumed_from"] is not None]
+    assert len(resumed) == 1, [r["trained_by"] for r in records.values()]
+
+
+def test_parse_devices():
+    assert parse_devices(None, 3) == ["cpu", "cpu", "cpu"]
+    assert parse_devices("cpu, cpu", None) == ["cpu", "cpu"]
+    with pytest.raises(UserError, match="either"):
+        parse_devices("cpu", 2)
+    with pytest.raises(UserError, match="positive"):
+        parse_devices(None, 0)
+    with pytest.raises(UserError):
+        parse_devices("tpu:0", None)
+
+
+def test_workers_need_the_local_launcher(tiny_recipe, capsys):
+    assert main(["run", str(tiny_recipe()), "--workers", "2"]) == 2
+    assert "--launcher local" in capsys.readouterr().err
