@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train the teachers and students of a recipe")
     run.add_argument("recipe", type=Path)
     run.add_argument("--dry-run", action="store_true", help="print the grid, train nothing")
+    run.add_argument("--calibrate", type=int, metavar="STEPS", default=0,
+                     help="with --dry-run: time STEPS training steps of each kind of run on the "
+                          "device and estimate the device-hours of the grid")
+    run.add_argument("--throughput", type=float, metavar="IMG_PER_S",
+                     help="with --dry-run: estimate device-hours from this training speed")
+    run.add_argument("--threads", type=int, metavar="N",
+                     help="CPU threads for torch (default: torch's; 1 is fastest on a busy machine)")
     run.add_argument("--device", help="override the recipe's device (cpu, cuda, cuda:N, auto)")
     run.add_argument("--output", type=Path, help="override the recipe's output folder")
     run.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
@@ -93,6 +100,16 @@ def cmd_run(args) -> int:
     from kdbench.engine.runner import GridRunner
     from kdbench.progress import make_progress
 
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise UserError(f"--threads must be a positive number, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if (args.calibrate or args.throughput) and not args.dry_run:
+        raise UserError("--calibrate and --throughput go with --dry-run")
+    if args.throughput is not None and args.throughput <= 0:
+        raise UserError(f"--throughput must be positive images/s, got {args.throughput}")
     if args.checkpoint_every is not None and args.checkpoint_every <= 0:
         raise UserError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
     registry, loaded = _load(args.recipe, check_device=args.device is None)
@@ -103,6 +120,13 @@ def cmd_run(args) -> int:
                         checkpoint_every=args.checkpoint_every, retry_diverged=args.retry_diverged)
     if args.dry_run:
         _print_plan(runner)
+        if args.calibrate or args.throughput:
+            from kdbench.engine.estimate import estimate, format_estimate
+
+            costs = estimate(runner, throughput=args.throughput, calibrate_steps=args.calibrate)
+            source = (f"calibrated: {args.calibrate} timed steps per kind of run on {runner.device}"
+                      if args.calibrate else f"given throughput {args.throughput:g} images/s")
+            print(format_estimate(costs, source))
         return 0
     launcher = args.launcher or loaded.recipe.launcher
     if launcher != "local" and (args.devices or args.workers):

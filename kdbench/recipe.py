@@ -42,7 +42,8 @@ class RecipeError(UserError):
 # Schema. Tables that name a plugin allow extra keys: those are the plugin's parameters.
 # ------------------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "2" is not an integer and "yes" is not a boolean (ints still pass as floats).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _WithPluginParams(BaseModel):
@@ -85,7 +86,8 @@ class DatasetSpec(_WithPluginParams):
 class TeacherObjectiveSpec(_WithPluginParams):
     name: str
     label: str | None = None
-    checkpoint: str | None = None  # reserved for published teachers (later issue)
+    checkpoint: str | None = Field(None, description="load this published teacher instead of "
+                                   "training one (RepDistiller/mdistiller layouts accepted)")
 
     @property
     def display(self) -> str:
@@ -140,6 +142,8 @@ class Recipe(_Strict):
     launcher: Literal["inline", "local", "slurm"] = Field(
         "inline", description="how the grid is run (kdbench run --launcher); not part of run ids")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = Field(False, description="torch.compile the nets' forward (CUDA); not part "
+                          "of run ids, since it changes speed, not the computation")
     deterministic: bool = False
     checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N "
                                                "steps (always at every epoch's end); not part of run ids")
@@ -197,6 +201,8 @@ class RunSpec:
     @property
     def describe(self) -> str:
         m = self.meta
+        if self.kind == "teacher" and "checkpoint" in self.spec:
+            return f"teacher {m['model']} from {self.spec['checkpoint']['path']}"
         if self.kind == "teacher":
             return f"teacher {m['model']} [{m['objective']}] seed {self.spec['seed']}"
         return f"student {m['pair']} [{m['method_set']}] seed {self.spec['seed']}"
@@ -249,6 +255,9 @@ def expand(loaded: LoadedRecipe, registry: Registry) -> tuple[list[RunSpec], lis
                         tspec = {**common, "model": _model_spec(pair.teacher),
                                  "objective": {"name": obj.name, "params": obj.params},
                                  "schedule": r.teacher_schedule.model_dump(), "seed": tseed}
+                        if obj.checkpoint:  # a published teacher: its file, not training, decides it
+                            tspec = {**common, "model": _model_spec(pair.teacher),
+                                     "checkpoint": _file_identity(obj.checkpoint)}
                         teacher = RunSpec("teacher", tspec, {
                             "group": group, "dataset": dataset_label, "order": pairs_order[pair.display], "model": pair.teacher.label or pair.teacher.name,
                             "objective": obj.display, "ref_teacher": pair.ref_teacher,
@@ -269,6 +278,14 @@ def expand(loaded: LoadedRecipe, registry: Registry) -> tuple[list[RunSpec], lis
                         "ref_teacher": pair.ref_teacher, "ref_student": pair.ref_student,
                         "reference": ref}, teacher=teacher))
     return list(teachers.values()), students
+
+
+def _file_identity(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 def _weight(term: MethodTerm, registry: Registry) -> float:
@@ -307,6 +324,12 @@ def load_recipe(path: str | Path, registry: Registry, check_device: bool = True)
     # Plugin names and parameters are checked on the raw tables, so that they are reported
     # together with any schema problem elsewhere in the file.
     problems += _check_plugins(raw, registry, locate)
+    for i, obj in enumerate(raw.get("teacher_objectives") or []):
+        ckpt = obj.get("checkpoint") if isinstance(obj, dict) else None
+        if isinstance(ckpt, str) and not Path(ckpt).is_file():
+            key = ("teacher_objectives", i, "checkpoint")
+            problems.append(f"{locate(key)}{_dotted(key)}: teacher checkpoint {ckpt!r} not found "
+                            "(relative paths start at the current directory)")
     if check_device and isinstance(raw.get("device", "auto"), str):
         problems += _check_device(raw.get("device", "auto"), locate)
     if problems or recipe is None:

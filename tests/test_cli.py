@@ -78,3 +78,49 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.startswith("kdbench: error: ")
+
+
+def test_published_teacher_is_loaded_evaluated_and_not_trained(tiny_recipe, tmp_path):
+    import torch
+
+    from kdbench.registry import load_registry
+
+    plugin = load_registry().find("model", "wrn_16_2")
+    torch.manual_seed(5)
+    net = plugin.factory(4, plugin.params(width_mult=0.25))
+    ckpt = tmp_path / "teacher.pth"
+    torch.save({"model": net.state_dict(), "epoch": 240}, ckpt)  # mdistiller's layout
+    recipe = tiny_recipe()
+    recipe.write_text(recipe.read_text().replace(
+        '[[teacher_objectives]]\nname = "ce"',
+        f'[[teacher_objectives]]\nname = "ce"\ncheckpoint = "{ckpt.as_posix()}"'))
+    assert main(["run", str(recipe), "--plain"]) == 0
+    (teacher,) = _records(tmp_path / "runs", "teacher").values()
+    assert teacher["status"] == "done" and teacher["epochs"] == []
+    assert teacher["published"]["sha256"] == teacher["spec"]["checkpoint"]["sha256"]
+    # The cached weights are exactly the checkpoint's, and the recorded accuracy is measured.
+    cached = torch.load(tmp_path / "runs" / "teachers" / teacher["id"] / "model.pt", weights_only=True)
+    assert all(torch.equal(cached[k], v) for k, v in net.state_dict().items())
+    assert 0.0 <= teacher["final"]["top1"] <= 100.0 and "d_intra" in teacher["diagnostics"]
+    kd = [r for r in _records(tmp_path / "runs", "student").values() if r["meta"]["method_set"] == "KD"]
+    assert kd and kd[0]["teacher_id"] == teacher["id"] and kd[0]["status"] == "done"
+
+    # A missing checkpoint is a recipe error (exit 2) naming the key.
+    recipe.write_text(recipe.read_text().replace(ckpt.as_posix(), (tmp_path / "nope.pth").as_posix()))
+    proc = subprocess.run([sys.executable, "-m", "kdbench", "validate", str(recipe)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "teacher_objectives[0].checkpoint" in proc.stderr
+
+
+def test_dry_run_estimates_device_hours(tiny_recipe, capsys):
+    recipe = tiny_recipe(seeds=(0, 1))
+    assert main(["run", str(recipe), "--dry-run", "--throughput", "48"]) == 0
+    out = capsys.readouterr().out
+    # 2 teachers x 2 epochs x 48 images + 4 students x 1 epoch x 48 images at 48 images/s
+    assert "teachers: 2 runs, 0.00111 device-hours (4 s)" in out
+    assert "students: 4 runs, 0.00111 device-hours (4 s)" in out
+    assert "total: 0.00222 device-hours (8 s)" in out
+    assert main(["run", str(recipe), "--dry-run", "--calibrate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated: 2 timed steps per kind of run on cpu" in out and "students: 4 runs" in out
+    assert main(["run", str(recipe), "--calibrate", "2"]) == 2  # only with --dry-run

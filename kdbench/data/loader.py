@@ -48,7 +48,10 @@ class DeviceData:
         self.labels = data.labels.to(device, non_blocking=True)
         self.num_classes = data.num_classes
         self.device = device
-        self.normalize = Normalizer(data.mean, data.std, device)
+        normalize = Normalizer(data.mean, data.std, device)
+        # On CUDA the nets run channels_last (cuDNN's fast layout); the batches match it.
+        self.normalize = (normalize if device.type != "cuda" else
+                          lambda u8: normalize(u8).contiguous(memory_format=torch.channels_last))
 
     def __len__(self) -> int:
         return self.labels.shape[0]

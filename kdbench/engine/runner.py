@@ -44,7 +44,7 @@ from kdbench.data.loader import DeviceData, subset_per_class
 from kdbench.diagnostics import teacher_diagnostics
 from kdbench.engine.checkpoint import Checkpointer
 from kdbench.engine.locks import RunLock
-from kdbench.engine.loop import Diverged, Interrupted, autocast, fit
+from kdbench.engine.loop import Diverged, Interrupted, autocast, evaluate, fit
 from kdbench.recipe import LoadedRecipe, RunSpec, expand
 from kdbench.registry import Registry
 from kdbench.store import RunStore, atomic_write_bytes, provenance
@@ -146,7 +146,11 @@ class StudentTask:
     def __init__(self, student, teacher, methods: list[tuple[str, float, nn.Module]]):
         self.student, self.teacher, self.methods = student, teacher, methods
         self.views = tuple(dict.fromkeys(v for _, _, m in methods for v in m.views))
+        # One mode for the whole set: a set mixing OFD (train-mode teacher, as its reference
+        # code) with other methods gives them train-mode teacher outputs too.
         self.teacher_train_mode = any(m.teacher_train_mode for _, _, m in methods)
+        if teacher is not None:
+            teacher.train(self.teacher_train_mode)  # once: nothing else changes the teacher's mode
 
     def modules(self):
         return [self.student, *(m for _, _, m in self.methods)]
@@ -159,7 +163,8 @@ class StudentTask:
     def _teacher(self, x):
         if self.teacher is None:
             return None
-        self.teacher.train(self.teacher_train_mode)
+        # no_grad rather than inference_mode: methods save teacher tensors for their backward
+        # (e.g. MSE targets), which inference tensors do not allow.
         with torch.no_grad():
             return self.teacher(x)
 
@@ -431,7 +436,7 @@ class GridRunner:
 
     def _run_one(self, spec: RunSpec, summary: Summary) -> str:
         train, test = self.data()
-        sched = spec.spec["schedule"]
+        sched = spec.spec.get("schedule", {"epochs": 0, "batch_size": 1})  # none: published teacher
         self.progress.run_started(f"{spec.describe} ({spec.id})", sched["epochs"],
                                   train.num_batches(sched["batch_size"]))
         prev = self.store.record(spec.kind, spec.id) or {}
@@ -510,17 +515,74 @@ class GridRunner:
         self._trained_by["resumed_from"] = result.resumed_from
         return result
 
-    def _train_teacher(self, spec: RunSpec, checkpointer: Checkpointer) -> dict:
-        train, test = self.data()
-        seed_everything(spec.spec["seed"], self.recipe.deterministic)
-        model = build_model(self.registry, spec.spec["model"], train.num_classes).to(self.device)
+    def _build(self, model_spec: dict) -> nn.Module:
+        """A model on the training device; channels_last on CUDA (faster convolutions with
+        cuDNN, and the device data is laid out to match); compiled if the recipe asks."""
+        train, _ = self.data()
+        model = build_model(self.registry, model_spec, train.num_classes).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        if self.recipe.compile:
+            model.compile()  # in place: state_dict keys stay those of the plain model
+        return model
+
+    def _published_teacher(self, spec: RunSpec) -> dict:
+        """A teacher loaded from a checkpoint file: nothing is trained; its accuracy is measured
+        here, not taken from the file."""
+        from kdbench.published import checkpoint_metadata, load_published_teacher
+
+        _, test = self.data()
+        model = self._build(spec.spec["model"])
+        path = spec.spec["checkpoint"]["path"]
+        load_published_teacher(path, model)
+        metrics = evaluate(model, test, self.recipe.eval_batch_size, self.device, self.recipe.precision)
+        self.store.save_weights(spec.id, model.state_dict())
+        record = self._base_record(spec, "done")
+        result = {"top1": metrics["test_top1"], "top5": metrics["test_top5"], "epoch": 0}
+        record.update(epochs=[], final=result, best=result, published=checkpoint_metadata(path),
+                      weights_sha256=weights_sha256(model.state_dict()))
+        with autocast(self.device, self.recipe.precision):
+            record["diagnostics"] = teacher_diagnostics(
+                model, test.eval_batches(self.recipe.eval_batch_size),
+                temperature=self.recipe.diagnostics_temperature)
+        return record
+
+    def teacher_task(self, spec: RunSpec) -> TeacherTask:
+        """The teacher and its objective, built as training uses them (also for calibration)."""
+        train, _ = self.data()
+        model = self._build(spec.spec["model"])
         obj = spec.spec["objective"]
         plugin = self.registry.find("teacher_objective", obj["name"])
         setup = ObjectiveSetup(model=model, model_out=dummy_forward(model, train),
                                num_classes=train.num_classes, num_train_samples=len(train),
                                image_size=int(train.images.shape[-1]), device=self.device)
         objective = plugin.factory(plugin.params.model_validate(obj["params"]), setup).to(self.device)
-        result = self._fit(TeacherTask(model, objective), spec, checkpointer)
+        return TeacherTask(model, objective)
+
+    def student_task(self, spec: RunSpec, teacher: nn.Module | None) -> StudentTask:
+        """The student, its methods (built from the real shapes) and the frozen teacher."""
+        train, _ = self.data()
+        student = self._build(spec.spec["model"])
+        setup = MethodSetup(student=student, teacher=teacher, student_out=dummy_forward(student, train),
+                            teacher_out=dummy_forward(teacher, train) if teacher is not None else None,
+                            num_classes=train.num_classes, num_train_samples=len(train),
+                            train_labels=train.labels, image_size=int(train.images.shape[-1]),
+                            device=self.device)
+        methods = []
+        for term in spec.spec["methods"]:
+            plugin = self.registry.find("student_method", term["name"])
+            method = plugin.factory(plugin.params.model_validate(term["params"]), setup)
+            methods.append((term["name"], term["weight"], method.to(self.device)))
+        return StudentTask(student, teacher, methods)
+
+    def _train_teacher(self, spec: RunSpec, checkpointer: Checkpointer) -> dict:
+        if "checkpoint" in spec.spec:
+            return self._published_teacher(spec)
+        _, test = self.data()
+        seed_everything(spec.spec["seed"], self.recipe.deterministic)
+        task = self.teacher_task(spec)
+        model = task.model
+        result = self._fit(task, spec, checkpointer)
         self.store.save_weights(spec.id, model.state_dict())
         record = self._base_record(spec, "done")
         record.update(epochs=result.epochs, final=result.final, best=result.best,
@@ -532,29 +594,18 @@ class GridRunner:
         return record
 
     def load_teacher(self, spec: RunSpec) -> nn.Module:
-        train, _ = self.data()
-        model = build_model(self.registry, spec.spec["model"], train.num_classes).to(self.device)
+        model = self._build(spec.spec["model"])
         model.load_state_dict(self.store.load_weights(spec.id, self.device))
         model.eval()
         model.requires_grad_(False)
         return model
 
     def _train_student(self, spec: RunSpec, checkpointer: Checkpointer) -> dict:
-        train, _ = self.data()
         teacher = self.load_teacher(spec.teacher) if spec.teacher else None
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
-        student = build_model(self.registry, spec.spec["model"], train.num_classes).to(self.device)
-        setup = MethodSetup(student=student, teacher=teacher, student_out=dummy_forward(student, train),
-                            teacher_out=dummy_forward(teacher, train) if teacher is not None else None,
-                            num_classes=train.num_classes, num_train_samples=len(train),
-                            train_labels=train.labels, image_size=int(train.images.shape[-1]),
-                            device=self.device)
-        methods = []
-        for term in spec.spec["methods"]:
-            plugin = self.registry.find("student_method", term["name"])
-            method = plugin.factory(plugin.params.model_validate(term["params"]), setup)
-            methods.append((term["name"], term["weight"], method.to(self.device)))
-        result = self._fit(StudentTask(student, teacher, methods), spec, checkpointer)
+        task = self.student_task(spec, teacher)
+        student = task.student
+        result = self._fit(task, spec, checkpointer)
         record = self._base_record(spec, "done")
         record.update(epochs=result.epochs, final=result.final, best=result.best,
                       weights_sha256=weights_sha256(student.state_dict()))
