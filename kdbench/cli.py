@@ -8,6 +8,7 @@ stopped it after writing a checkpoint; the same command again resumes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -116,7 +117,10 @@ def cmd_run(args) -> int:
     if args.output:
         loaded.recipe = loaded.recipe.model_copy(update={"output": str(args.output)})
     progress = make_progress(force_plain=args.plain)
-    runner = GridRunner(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast,
+    runner_cls = GridRunner
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each run across the ranks
+        from kdbench.engine.distributed import DistributedGridRunner as runner_cls
+    runner = runner_cls(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast,
                         checkpoint_every=args.checkpoint_every, retry_diverged=args.retry_diverged)
     if args.dry_run:
         _print_plan(runner)
