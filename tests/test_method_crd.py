@@ -4,70 +4,32 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput
 from kdbench_plugins.students.crd import CRD, CRDParams
+from stand_ins import TinyNet, batch_of
+from stand_ins import make_setup as shared_setup
+from stand_ins import pooled_out as _pooled_out
 
 torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------ stand-ins
-class TinyNet(KDModel):
-    def __init__(self, stem: int, chans, strides, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem))
-        convs, bns, c_in = [], [], stem
-        for c, s in zip(chans, strides):
-            convs.append(nn.Conv2d(c_in, c, 3, s, 1, bias=False))
-            bns.append(nn.BatchNorm2d(c))
-            c_in = c
-        self.convs, self.bns = nn.ModuleList(convs), nn.ModuleList(bns)
-        self.fc = nn.Linear(c_in, num_classes)
-        self.chans = list(chans)
-
-    def stage_channels(self):
-        return list(self.chans)
-
-    def bn_before_relu(self):
-        return list(self.bns)
-
-    def forward(self, x):
-        pre = self.stem(x)
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for conv, bn in zip(self.convs, self.bns):
-            pre = bn(conv(out))
-            out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = out.mean((2, 3))
-        return ModelOutput(self.fc(pooled), feats, preacts, pooled)
+pooled_out = partial(_pooled_out, num_classes=3)
 
 
 def make_setup(s_dim=6, t_dim=9, n=12, labels=None, student=None, teacher=None,
                student_out=None, teacher_out=None):
+    """Pooled-only outputs of width s_dim / t_dim unless given; 3 classes unless labels say."""
     labels = torch.arange(n) % 3 if labels is None else labels
-    s_out = student_out or ModelOutput(torch.zeros(2, 3), [], [], torch.zeros(2, s_dim))
-    t_out = teacher_out or ModelOutput(torch.zeros(2, 3), [], [], torch.zeros(2, t_dim))
-    return MethodSetup(student=student, teacher=teacher, student_out=s_out, teacher_out=t_out,
-                       num_classes=int(labels.max()) + 1, num_train_samples=n, train_labels=labels,
-                       image_size=8, device=torch.device("cpu"))
-
-
-def pooled_out(p):
-    return ModelOutput(torch.zeros(p.shape[0], 3), [], [], p)
-
-
-def batch_of(index, y=None):
-    index = torch.as_tensor(index)
-    y = torch.zeros_like(index) if y is None else y
-    return Batch(x=torch.zeros(len(index), 3, 8, 8), y=y, index=index)
+    s_out = student_out or pooled_out(torch.zeros(2, s_dim))
+    t_out = teacher_out or pooled_out(torch.zeros(2, t_dim))
+    return shared_setup(s_out, t_out, student, teacher, n=n, labels=labels,
+                        num_classes=int(labels.max()) + 1)
 
 
 def unit_rows(gen, n, d):

@@ -3,79 +3,22 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput, NoParams
+from kdbench.api import Batch, NoParams
 from kdbench_plugins.students.ofd import OFD
+from stand_ins import adaptive_avg_pool_np, run, setup_from_nets
+from stand_ins import make_pair as _make_pair
 
 torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------ stand-ins
-class TinyNet(KDModel):
-    """stem conv+BN+ReLU, then one conv3x3+BN(+ReLU) per stage; BN before ReLU exposed."""
-
-    def __init__(self, stem: int, chans: list[int], strides: list[int], num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem))
-        convs, bns, c_in = [], [], stem
-        for c, s in zip(chans, strides):
-            convs.append(nn.Conv2d(c_in, c, 3, s, 1, bias=False))
-            bns.append(nn.BatchNorm2d(c))
-            c_in = c
-        self.convs, self.bns = nn.ModuleList(convs), nn.ModuleList(bns)
-        self.fc = nn.Linear(c_in, num_classes)
-        self.chans = chans
-
-    def stage_channels(self):
-        return list(self.chans)
-
-    def bn_before_relu(self):
-        return list(self.bns)
-
-    def forward(self, x):
-        pre = self.stem(x)
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for conv, bn in zip(self.convs, self.bns):
-            pre = bn(conv(out))
-            out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = out.mean((2, 3))
-        return ModelOutput(self.fc(pooled), feats, preacts, pooled)
-
-
-def randomize_bn(model, gen):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.num_features, generator=gen))
-                m.bias.copy_(torch.randn(m.num_features, generator=gen))
-
-
-def make_setup(student, teacher, size=8):
-    x = torch.randn(2, 3, size, size)
-    student.eval(), teacher.eval()
-    with torch.no_grad():
-        s_out, t_out = student(x), teacher(x)
-    return MethodSetup(student=student, teacher=teacher, student_out=s_out, teacher_out=t_out,
-                       num_classes=5, num_train_samples=10, train_labels=torch.arange(10) % 5,
-                       image_size=size, device=torch.device("cpu"))
-
-
-def make_pair(seed=0, s_chans=(3, 4), t_chans=(5, 6), s_strides=(1, 2), t_strides=(1, 2)):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    student = TinyNet(4, list(s_chans), list(s_strides))
-    teacher = TinyNet(4, list(t_chans), list(t_strides))
-    randomize_bn(teacher, gen)
-    return student, teacher
+make_pair = partial(_make_pair, randomize_teacher_bn=True)  # teacher BN affine random
 
 
 # ------------------------------------------------------------------------------ independent maths
@@ -86,17 +29,6 @@ def margin_reference(gamma: float, beta: float) -> float:
         pdf = math.exp(-0.5 * (m / s) ** 2) / math.sqrt(2.0 * math.pi)
         return m - s * pdf / phi
     return -3.0 * s
-
-
-def adaptive_avg_pool_np(x, out_h, out_w):
-    n, c, h, w = x.shape
-    y = np.zeros((n, c, out_h, out_w))
-    for i in range(out_h):
-        h0, h1 = (i * h) // out_h, -(-((i + 1) * h) // out_h)
-        for j in range(out_w):
-            w0, w1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
-            y[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
-    return y
 
 
 def connector_np(x, conv_w, gamma, beta, eps=1e-5):
@@ -137,18 +69,6 @@ def ofd_reference(s_feats, t_feats, connectors, margins):
     return total / n / 1000.0
 
 
-def run(method, student, teacher, x, epoch=0):
-    method.train()
-    student.train()
-    teacher.train() if method.teacher_train_mode else teacher.eval()
-    s_out = student(x)
-    with torch.no_grad():
-        t_out = teacher(x)
-    terms = method(s_out, t_out, Batch(x=x, y=torch.zeros(len(x), dtype=torch.long),
-                                       index=torch.arange(len(x)), epoch=epoch), {})
-    return terms, s_out, t_out
-
-
 def reference_from_outputs(method, s_out, t_out, t_bns):
     k = method.num_stages
     s_feats = [f.detach().double().numpy() for f in s_out.preact_feats[1:][-k:]]
@@ -173,7 +93,7 @@ def test_margins_match_independent_formula_both_branches():
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([1.0, -0.5, 2.0, 0.3, 1.0, 0.7]))
         bn.bias.copy_(torch.tensor([0.0, 0.4, -1.0, 1.5, 4.0, -2.0]))  # m/s=4 -> Φ(-4)<0.001
-    method = OFD(NoParams(), make_setup(student, teacher))
+    method = OFD(NoParams(), setup_from_nets(student, teacher))
     got = method.margin1.tolist()
     want = [margin_reference(g, b) for g, b in zip(bn.weight.tolist(), bn.bias.tolist())]
     assert want[4] == -3.0  # the -3s branch is exercised
@@ -195,7 +115,7 @@ def test_margins_match_independent_formula_both_branches():
 )
 def test_loss_matches_numpy_loops(s_strides, t_strides):
     student, teacher = make_pair(seed=1, s_strides=s_strides, t_strides=t_strides)
-    method = OFD(NoParams(), make_setup(student, teacher))
+    method = OFD(NoParams(), setup_from_nets(student, teacher))
     with torch.no_grad():  # non-trivial connector BN affine
         for c in method.connectors:
             c[1].weight.uniform_(0.5, 1.5)
@@ -211,7 +131,7 @@ def test_loss_matches_numpy_loops(s_strides, t_strides):
 def test_stage_count_mismatch_matches_deepest_stages():
     student, teacher = make_pair(seed=3, s_chans=(3, 4), t_chans=(5, 6, 7),
                                  s_strides=(1, 2), t_strides=(1, 2, 1))
-    method = OFD(NoParams(), make_setup(student, teacher))
+    method = OFD(NoParams(), setup_from_nets(student, teacher))
     assert method.num_stages == 2
     assert [c[0].in_channels for c in method.connectors] == [3, 4]
     assert [c[0].out_channels for c in method.connectors] == [6, 7]
@@ -226,7 +146,7 @@ def test_stage_count_mismatch_matches_deepest_stages():
 
 def test_gradients_reach_student_and_connectors_not_teacher():
     student, teacher = make_pair(seed=5)
-    method = OFD(NoParams(), make_setup(student, teacher))
+    method = OFD(NoParams(), setup_from_nets(student, teacher))
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     terms, _, _ = run(method, student, teacher, x)
     sum(terms.values()).backward()
@@ -246,7 +166,7 @@ def test_gradients_reach_student_and_connectors_not_teacher():
 
 def test_state_round_trip():
     student, teacher = make_pair(seed=7)
-    method = OFD(NoParams(), make_setup(student, teacher))
+    method = OFD(NoParams(), setup_from_nets(student, teacher))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
     run(method, student, teacher, x)  # update connector BN running stats
     sd = method.state_dict()
@@ -256,7 +176,7 @@ def test_state_round_trip():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     other_student, other_teacher = make_pair(seed=99)  # different BNs -> different margins
-    fresh = OFD(NoParams(), make_setup(other_student, other_teacher))
+    fresh = OFD(NoParams(), setup_from_nets(other_student, other_teacher))
     assert not torch.allclose(fresh.margin0, method.margin0)
     fresh.load_state_dict(loaded)
     for key, value in method.state_dict().items():

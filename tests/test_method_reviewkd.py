@@ -3,95 +3,30 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput
 from kdbench_plugins.students.reviewkd import (ABF, ReviewKD, ReviewKDParams, hcl_loss,
                                                warmup_factor)
+from stand_ins import adaptive_avg_pool_np, setup_from_nets
+from stand_ins import batch as _batch
+from stand_ins import make_pair as _make_pair
+from stand_ins import run as _run
 
 torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------ stand-ins
-class TinyNet(KDModel):
-    """stem conv+BN+ReLU, then one conv3x3+BN(+ReLU) per stage; pooled = mean of last map."""
-
-    def __init__(self, stem: int, chans: list[int], strides: list[int], num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem))
-        convs, bns, c_in = [], [], stem
-        for c, s in zip(chans, strides):
-            convs.append(nn.Conv2d(c_in, c, 3, s, 1, bias=False))
-            bns.append(nn.BatchNorm2d(c))
-            c_in = c
-        self.convs, self.bns = nn.ModuleList(convs), nn.ModuleList(bns)
-        self.fc = nn.Linear(c_in, num_classes)
-        self.chans = chans
-
-    def stage_channels(self):
-        return list(self.chans)
-
-    def bn_before_relu(self):
-        return list(self.bns)
-
-    def forward(self, x):
-        pre = self.stem(x)
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for conv, bn in zip(self.convs, self.bns):
-            pre = bn(conv(out))
-            out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = out.mean((2, 3))
-        return ModelOutput(self.fc(pooled), feats, preacts, pooled)
-
-
-def make_setup(student, teacher, size=8):
-    x = torch.randn(2, 3, size, size)
-    student.eval(), teacher.eval()
-    with torch.no_grad():
-        s_out, t_out = student(x), teacher(x)
-    return MethodSetup(student=student, teacher=teacher, student_out=s_out, teacher_out=t_out,
-                       num_classes=5, num_train_samples=10, train_labels=torch.arange(10) % 5,
-                       image_size=size, device=torch.device("cpu"))
-
-
-def make_pair(seed=0, s_chans=(3, 4), t_chans=(5, 6), s_strides=(1, 2), t_strides=(2, 2)):
-    torch.manual_seed(seed)
-    return TinyNet(4, list(s_chans), list(s_strides)), TinyNet(4, list(t_chans), list(t_strides))
-
-
-def batch(x, epoch):
-    return Batch(x=x, y=torch.zeros(len(x), dtype=torch.long), index=torch.arange(len(x)),
-                 epoch=epoch, epochs=100)
-
-
-def run(method, student, teacher, x, epoch):
-    method.train(), student.train(), teacher.eval()
-    s_out = student(x)
-    with torch.no_grad():
-        t_out = teacher(x)
-    return method(s_out, t_out, batch(x, epoch), {}), s_out, t_out
+make_pair = partial(_make_pair, t_strides=(2, 2))  # teacher maps half the student's
+batch = partial(_batch, epochs=100)
+run = partial(_run, epochs=100)
 
 
 # ------------------------------------------------------------------------------ numpy maths
-def adaptive_avg_pool_np(x, out_h, out_w):
-    n, c, h, w = x.shape
-    y = np.zeros((n, c, out_h, out_w))
-    for i in range(out_h):
-        h0, h1 = (i * h) // out_h, -(-((i + 1) * h) // out_h)
-        for j in range(out_w):
-            w0, w1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
-            y[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
-    return y
-
-
 def hcl_np(fs_list, ft_list):
     """Paper/official HCL: full-res MSE (weight 1) + pools 4, 2, 1 (those smaller than h) with
     weights 1/2, 1/4, 1/8 given in order of use, divided by the sum of the weights used."""
@@ -269,7 +204,7 @@ def test_abf_forward_matches_hand_computation():
 )
 def test_method_loss_matches_numpy(s_strides, t_strides):
     student, teacher = make_pair(seed=1, s_strides=s_strides, t_strides=t_strides)
-    method = ReviewKD(ReviewKDParams(), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(), setup_from_nets(student, teacher))
     randomize_abf_affine(method, seed=2)
     assert method.num_levels == 3 and method.mid_channels == 4
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -288,14 +223,14 @@ def test_warmup_factor():
     assert warmup_factor(200, 20) == 1.0
     assert warmup_factor(0, 0) == 1.0
     student, teacher = make_pair(seed=4)
-    method = ReviewKD(ReviewKDParams(warmup_epochs=20), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(warmup_epochs=20), setup_from_nets(student, teacher))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     values = {e: run(method, student, teacher, x, e)[0]["reviewkd"].item() for e in (0, 10, 20, 50)}
     assert values[0] == 0.0
     assert values[20] > 0
     assert values[10] == pytest.approx(0.5 * values[20], rel=1e-6)
     assert values[50] == pytest.approx(values[20], rel=1e-6)
-    no_warm = ReviewKD(ReviewKDParams(warmup_epochs=0), make_setup(student, teacher))
+    no_warm = ReviewKD(ReviewKDParams(warmup_epochs=0), setup_from_nets(student, teacher))
     assert run(no_warm, student, teacher, x, 0)[0]["reviewkd"].item() > 0
 
 
@@ -304,7 +239,7 @@ def test_warmup_factor():
 def test_stage_count_mismatch_uses_deepest_levels(s_chans, t_chans, k):
     student, teacher = make_pair(seed=6, s_chans=s_chans, t_chans=t_chans,
                                  s_strides=[1] * len(s_chans), t_strides=[2] * len(t_chans))
-    method = ReviewKD(ReviewKDParams(), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(), setup_from_nets(student, teacher))
     assert method.num_levels == k
     # abfs are deepest first: pooled level first
     assert [a.conv1[0].in_channels for a in method.abfs] == [s_chans[-1]] + list(
@@ -320,16 +255,16 @@ def test_stage_count_mismatch_uses_deepest_levels(s_chans, t_chans, k):
 
 def test_mid_channels_cap():
     student, teacher = make_pair(seed=8, s_chans=(3, 20))
-    method = ReviewKD(ReviewKDParams(max_mid_channels=8), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(max_mid_channels=8), setup_from_nets(student, teacher))
     assert method.mid_channels == 8
     assert all(a.conv1[0].out_channels == 8 for a in method.abfs)
-    method = ReviewKD(ReviewKDParams(), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(), setup_from_nets(student, teacher))
     assert method.mid_channels == 20  # min(512, student's pooled dim)
 
 
 def test_gradients_reach_student_and_abfs_not_teacher():
     student, teacher = make_pair(seed=9)
-    method = ReviewKD(ReviewKDParams(), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(), setup_from_nets(student, teacher))
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(10))
     terms, _, _ = run(method, student, teacher, x, epoch=25)
     sum(terms.values()).backward()
@@ -348,7 +283,7 @@ def test_gradients_reach_student_and_abfs_not_teacher():
 
 def test_state_round_trip():
     student, teacher = make_pair(seed=11)
-    method = ReviewKD(ReviewKDParams(), make_setup(student, teacher))
+    method = ReviewKD(ReviewKDParams(), setup_from_nets(student, teacher))
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(12))
     run(method, student, teacher, x, 25)  # BN running stats move
     buf = io.BytesIO()
@@ -356,7 +291,7 @@ def test_state_round_trip():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     torch.manual_seed(123)
-    fresh = ReviewKD(ReviewKDParams(), make_setup(student, teacher))
+    fresh = ReviewKD(ReviewKDParams(), setup_from_nets(student, teacher))
     assert not torch.equal(fresh.abfs[1].conv1[0].weight, method.abfs[1].conv1[0].weight)
     fresh.load_state_dict(loaded)
     for key, value in method.state_dict().items():

@@ -7,61 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput
 from kdbench_plugins.students.rkd import RKD, RKDParams
+from stand_ins import TinyNet, batch_of, make_setup, pooled_out
 
 torch.set_num_threads(1)
-
-
-# ------------------------------------------------------------------------------ stand-ins
-class TinyNet(KDModel):
-    def __init__(self, stem: int, chans, strides, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem))
-        convs, bns, c_in = [], [], stem
-        for c, s in zip(chans, strides):
-            convs.append(nn.Conv2d(c_in, c, 3, s, 1, bias=False))
-            bns.append(nn.BatchNorm2d(c))
-            c_in = c
-        self.convs, self.bns = nn.ModuleList(convs), nn.ModuleList(bns)
-        self.fc = nn.Linear(c_in, num_classes)
-        self.chans = list(chans)
-
-    def stage_channels(self):
-        return list(self.chans)
-
-    def bn_before_relu(self):
-        return list(self.bns)
-
-    def forward(self, x):
-        pre = self.stem(x)
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for conv, bn in zip(self.convs, self.bns):
-            pre = bn(conv(out))
-            out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = out.mean((2, 3))
-        return ModelOutput(self.fc(pooled), feats, preacts, pooled)
-
-
-def make_setup(student_out, teacher_out, student=None, teacher=None, n=10):
-    return MethodSetup(student=student, teacher=teacher, student_out=student_out,
-                       teacher_out=teacher_out, num_classes=5, num_train_samples=n,
-                       train_labels=torch.arange(n) % 5, image_size=8, device=torch.device("cpu"))
-
-
-def pooled_out(pooled):
-    return ModelOutput(torch.zeros(pooled.shape[0], 5), [], [], pooled)
-
-
-def batch_of(n):
-    return Batch(x=torch.zeros(n, 3, 8, 8), y=torch.zeros(n, dtype=torch.long),
-                 index=torch.arange(n))
 
 
 # ------------------------------------------------------------------------ plain-Python reference
