@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", metavar="D1,D2,...",
                      help="local launcher: one worker per device (cuda:0,cuda:1 or cpu,cpu)")
     run.add_argument("--workers", type=int, metavar="N", help="local launcher: N CPU workers")
+    run.add_argument("--max-parallel", type=int, metavar="N",
+                     help="slurm launcher: at most N jobs of an array at once")
+    run.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                     help="slurm launcher: a submitit executor parameter (e.g. slurm_partition=gpu, "
+                          "timeout_min=240, gpus_per_node=1); repeatable")
+    run.add_argument("--run-id", action="append", metavar="ID",
+                     help="train only this run of the grid (a t-/s- id from --dry-run); repeatable")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a recipe without running it")
@@ -122,6 +129,8 @@ def cmd_run(args) -> int:
         from kdbench.engine.distributed import DistributedGridRunner as runner_cls
     runner = runner_cls(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast,
                         checkpoint_every=args.checkpoint_every, retry_diverged=args.retry_diverged)
+    if args.run_id:
+        runner.only = set(args.run_id)
     if args.dry_run:
         _print_plan(runner)
         if args.calibrate or args.throughput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -114,3 +115,66 @@ def test_parse_devices():
 def test_workers_need_the_local_launcher(tiny_recipe, capsys):
     assert main(["run", str(tiny_recipe()), "--workers", "2"]) == 2
     assert "--launcher local" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# slurm launcher, through submitit's local executor (no Slurm cluster here)
+# ------------------------------------------------------------------------------------------------
+def _one_seed_recipe(folder: Path, teacher_epochs: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.toml"
+    text = TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0], extra="")
+    path.write_text(text.replace("epochs = 2", f"epochs = {teacher_epochs}"))
+    return path
+
+
+def test_slurm_launcher_local_executor_matches_inline(tmp_path, inline_records):
+    pytest.importorskip("submitit")
+    env = _env()
+    env["KDBENCH_SLURM_CLUSTER"] = "local"
+    proc = _kdbench(_one_seed_recipe(tmp_path), "--launcher", "slurm", "--max-parallel", "2",
+                    "--slurm-param", "timeout_min=10", env=env)
+    assert proc.returncode == 0, proc.stderr
+    records = _records(tmp_path / "runs")
+    assert len(records) == 3  # seed 0: one teacher, two students
+    _same_metrics(records, {k: inline_records[k] for k in records})
+    assert {r["trained_by"]["launcher"] for r in records.values()} == {"slurm"}
+    for run_id, rec in records.items():  # each run's log in its folder
+        folder = tmp_path / "runs" / ("teachers" if rec["kind"] == "teacher" else "students") / run_id
+        assert "done top1=" in (folder / "log.txt").read_text()
+
+
+def test_slurm_job_checkpoints_and_requeues_on_timeout_signal(tmp_path):
+    """submitit's timeout/preemption signal -> RunJob.checkpoint(): the run writes a checkpoint
+    and stops, the job is requeued and the run resumes from that checkpoint."""
+    submitit = pytest.importorskip("submitit")
+    import time
+
+    from kdbench.launchers.slurm import RunJob
+
+    recipe = _one_seed_recipe(tmp_path, teacher_epochs=30)
+    dry = subprocess.run([sys.executable, "-m", "kdbench", "run", str(recipe), "--dry-run"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    teacher_id = re.search(r"train  (t-[0-9a-f]{16})", dry.stdout).group(1)
+    run_dir = tmp_path / "runs" / "teachers" / teacher_id
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=10)
+    os.environ.update({k: v for k, v in _env().items() if k in ("KDBENCH_ONLY_DISTS", "OMP_NUM_THREADS")})
+    job = executor.submit(RunJob(str(recipe), teacher_id, str(run_dir / "log.txt"),
+                                 ["--checkpoint-every", "1"]))
+    deadline = time.time() + 300
+    while not list(run_dir.glob("ckpt-*.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(run_dir.glob("ckpt-*.pt")), (run_dir / "log.txt").read_text()
+    # What Slurm does before the time limit: USR2 to the job's task, the parent of the run's
+    # process (whose pid is in the run's lock file). (LocalJob._interrupt signals the local
+    # controller instead, which does not pass USR2 on.)
+    run_pid = int((run_dir / ".lock").read_text().split()[1])
+    task_pid = int(Path(f"/proc/{run_pid}/stat").read_text().rpartition(")")[2].split()[1])
+    os.kill(task_pid, signal.SIGUSR2)
+    assert job.result() == 0
+    log = (run_dir / "log.txt").read_text()
+    assert "interrupted at step" in log, log
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["status"] == "done"
+    assert record["trained_by"]["attempt"] == 2 and record["trained_by"]["resumed_from"] is not None

@@ -168,7 +168,8 @@ class DistributedTask:
         def extra(module):
             if not _has_params(module):
                 return module
-            return DDP(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True)
+            # (no device_ids: its inputs are already on the device and need no moving)
+            return DDP(module, broadcast_buffers=False, find_unused_parameters=True)
 
         if isinstance(task, StudentTask):
             self.swaps = {"student": net(task.student),

@@ -240,6 +240,8 @@ class Summary:
 
 
 class GridRunner:
+    only: set[str] | None = None  # train only these run ids of the grid (kdbench run --run-id)
+
     def __init__(self, loaded: LoadedRecipe, registry: Registry, progress, device: str | None = None,
                  fail_fast: bool = False, checkpoint_every: int | None = None,
                  retry_diverged: bool = False):
@@ -351,6 +353,8 @@ class GridRunner:
         todo_students = [s for s, done in plan["students"] if not done]
         summary.skipped += [s.id for s, done in plan["students"] if done]
         todo = plan["teachers_needed"] + todo_students
+        if self.only is not None:
+            todo = [s for s in todo if s.id in self.only]
         self.progress.grid(len(todo))
         if not todo:
             return summary
