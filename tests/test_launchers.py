@@ -178,3 +178,12 @@ def test_slurm_job_checkpoints_and_requeues_on_timeout_signal(tmp_path):
     record = json.loads((run_dir / "record.json").read_text())
     assert record["status"] == "done"
     assert record["trained_by"]["attempt"] == 2 and record["trained_by"]["resumed_from"] is not None
+
+
+def test_slurm_params_parse():
+    from kdbench.launchers.slurm import parse_params
+
+    assert parse_params(["timeout_min=240", "slurm_partition=gpu", "mem_gb=7.5", "x=true"]) == {
+        "timeout_min": 240, "slurm_partition": "gpu", "mem_gb": 7.5, "x": True}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_params(["timeout_min"])

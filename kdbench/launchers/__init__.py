@@ -34,8 +34,10 @@ def launch(name: str, args, loaded, registry) -> int:
     if name == "local":
         from kdbench.launchers.local import parse_devices, run_local
 
+        only = [a for run_id in args.run_id or [] for a in ("--run-id", run_id)]
         return run_local(loaded, registry, parse_devices(args.devices, args.workers),
-                         passthrough_args(args), plain=args.plain, retry_diverged=args.retry_diverged)
+                         passthrough_args(args) + only, plain=args.plain,
+                         retry_diverged=args.retry_diverged, only=args.run_id)
     if name == "slurm":
         from kdbench.launchers.slurm import run_slurm
 

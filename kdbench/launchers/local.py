@@ -132,7 +132,8 @@ def lock_holder_pid(run_dir: Path) -> int | None:
 class GridView:
     """The state of a grid, read from its run folders: what is finished and what runs where."""
 
-    def __init__(self, loaded: LoadedRecipe, registry: Registry, retry_diverged: bool = False):
+    def __init__(self, loaded: LoadedRecipe, registry: Registry, retry_diverged: bool = False,
+                 only: list[str] | None = None):
         self.store = RunStore(loaded.output_dir, loaded.teacher_dir)
         teachers, students = expand(loaded, registry)
         self.final = ("done", "failed") if retry_diverged else FINAL
@@ -140,7 +141,11 @@ class GridView:
         needed = {s.teacher.id for s in students if s.teacher and self.status(s) not in done}
         self.specs: list[RunSpec] = ([t for t in teachers if t.id in needed and self.status(t) not in done]
                                      + [s for s in students if self.status(s) not in done])
-        self.start_finished = 0  # runs finished when watching began (not counted in the ETA)
+        if only:  # kdbench run --run-id
+            self.specs = [s for s in self.specs if s.id in set(only)]
+        # Runs with a final status already (failed before: the workers retry them), not
+        # counted in the ETA.
+        self.start_finished = sum(self.status(s) in self.final for s in self.specs)
 
     def status(self, spec: RunSpec) -> str | None:
         return self.store.status(spec.kind, spec.id)
@@ -221,9 +226,10 @@ class Watcher:
 
 
 def run_local(loaded: LoadedRecipe, registry: Registry, devices: list[str], passthrough: list[str],
-              plain: bool = False, retry_diverged: bool = False) -> int:
-    """Train the grid with one worker process per device; the ``kdbench run`` exit status."""
-    view = GridView(loaded, registry, retry_diverged)
+              plain: bool = False, retry_diverged: bool = False, only: list[str] | None = None) -> int:
+    """Train the grid (or the runs ``only``) with one worker process per device; the
+    ``kdbench run`` exit status."""
+    view = GridView(loaded, registry, retry_diverged, only)
     if not view.specs:
         print(f"kdbench: nothing to train; results in {loaded.output_dir}", file=sys.stderr)
         return 0

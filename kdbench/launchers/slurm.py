@@ -121,9 +121,7 @@ def _submit(executor, jobs: list[RunJob]) -> list:
 
 def run_slurm(loaded, registry, args) -> int:
     submitit = _submitit()
-    view = GridView(loaded, registry, args.retry_diverged)
-    if args.run_id:
-        view.specs = [s for s in view.specs if s.id in set(args.run_id)]
+    view = GridView(loaded, registry, args.retry_diverged, args.run_id)
     if not view.specs:
         print(f"kdbench: nothing to train; results in {loaded.output_dir}", file=sys.stderr)
         return 0
