@@ -1,5 +1,5 @@
 """MLLD (Jin, Wang & Lin 2023): loss vs an independent numpy derivation (paper mode and reference
-mode, masks included), median-mask edge cases, gradients, (absent) state."""
+mode, masks included; strong-view levels), median-mask edge cases, gradients, (absent) state."""
 from __future__ import annotations
 
 import io
@@ -102,22 +102,31 @@ def np_ce(z, y):
     return float(np.mean([-np.log(p[i, y[i]]) for i in range(len(y))]))
 
 
-def np_mlld_paper(s_w, t_w, s_s, t_s, y, temps=TEMPS, w=0.9, w_ce=0.1):
-    """The paper's three levels on both views, masks where the reference puts them, each mask
-    weighting its sample (batch: Gram column; class: Gram column)."""
+ALL_LEVELS = ("instance", "batch", "class")
+
+
+def np_mlld_paper(s_w, t_w, s_s, t_s, y, temps=TEMPS, w=0.9, w_ce=0.1,
+                  strong_levels=("instance",)):
+    """The paper's three levels on the weak view and ``strong_levels`` on the strong one (the
+    reference optimises the instance level only there), masks where the reference puts them,
+    each mask weighting its sample (batch: Gram column; class: Gram column)."""
     s_w, t_w, s_s, t_s = (np.asarray(a, dtype=np.float64) for a in (s_w, t_w, s_s, t_s))
     m, n = np_masks(t_w)
     b = s_w.shape[0]
     ones_b, ones_c = np.ones(b), np.ones(s_w.shape[1])
     res = {}
     for view, s, t, a, c in (("weak", s_w, t_w, m, n), ("strong", s_s, t_s, ones_b, ones_c)):
-        ins = sum(np.sum(a * np_kl_rows(s, t, T)) / b for T in temps)
-        bat = sum(sum(m[j] * np_batch_sq(s, t, T)[i, j] for i in range(b) for j in range(b))
-                  for T in temps)
-        cls = sum(np.sum(np_class_sq(s, t, T) * c[None, :]) for T in temps)
-        res[f"mlld_instance_{view}"] = w * ins
-        res[f"mlld_batch_{view}"] = w * bat
-        res[f"mlld_class_{view}"] = w * cls
+        levels = ALL_LEVELS if view == "weak" else strong_levels
+        if "instance" in levels:
+            res[f"mlld_instance_{view}"] = w * sum(
+                np.sum(a * np_kl_rows(s, t, T)) / b for T in temps)
+        if "batch" in levels:
+            res[f"mlld_batch_{view}"] = w * sum(
+                sum(m[j] * np_batch_sq(s, t, T)[i, j] for i in range(b) for j in range(b))
+                for T in temps)
+        if "class" in levels:
+            res[f"mlld_class_{view}"] = w * sum(
+                np.sum(np_class_sq(s, t, T) * c[None, :]) for T in temps)
     res["mlld_ce_strong"] = w_ce * np_ce(s_s, y)
     return res
 
@@ -139,11 +148,14 @@ def np_reference_total(s_w, t_w, s_s, t_s, y, w=0.9, w_ce=0.1):
 
 
 # ------------------------------------------------------------------------------ loss checks
+@pytest.mark.parametrize("levels", [None, ALL_LEVELS, ("class",), ()])
 @pytest.mark.parametrize("b,c,seed", [(6, 7, 0), (5, 4, 1), (8, 10, 2)])
-def test_loss_matches_numpy_paper_formulation(b, c, seed):
+def test_loss_matches_numpy_paper_formulation(b, c, seed, levels):
     s_w, t_w, s_s, t_s, y = fixed_logits(b, c, seed)
-    terms = run(make_method(), s_w, t_w, s_s, t_s, y)
-    ref = np_mlld_paper(s_w.numpy(), t_w.numpy(), s_s.numpy(), t_s.numpy(), y.numpy())
+    method = make_method() if levels is None else make_method(strong_levels=levels)
+    terms = run(method, s_w, t_w, s_s, t_s, y)
+    ref = np_mlld_paper(s_w.numpy(), t_w.numpy(), s_s.numpy(), t_s.numpy(), y.numpy(),
+                        strong_levels=("instance",) if levels is None else levels)
     assert set(terms) == set(ref)
     for k in ref:
         assert terms[k].item() == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
@@ -164,6 +176,50 @@ def test_reference_quirks_mode_matches_reference_total(b, c, seed):
         v.item() for v in terms.values())
     ref = np_reference_total(s_w.numpy(), t_w.numpy(), s_s.numpy(), t_s.numpy(), y.numpy())
     assert recipe_total == pytest.approx(ref, rel=1e-5)
+
+
+def test_default_strong_view_has_the_reference_terms():
+    """By default the strong view gets the instance level only, as the reference optimises it
+    (it computes the strong batch/class terms but does not return them); the weak view gets all
+    three levels."""
+    s_w, t_w, s_s, t_s, y = fixed_logits(6, 7, 0)
+    default = run(make_method(), s_w, t_w, s_s, t_s, y)
+    assert set(default) == {"mlld_instance_weak", "mlld_batch_weak", "mlld_class_weak",
+                            "mlld_instance_strong", "mlld_ce_strong"}
+    full = run(make_method(strong_levels=ALL_LEVELS), s_w, t_w, s_s, t_s, y)
+    assert set(full) == set(default) | {"mlld_batch_strong", "mlld_class_strong"}
+    for k in default:  # the shared terms do not depend on which strong levels are on
+        assert full[k].item() == pytest.approx(default[k].item(), rel=1e-6), k
+    # the set of terms matches the reference's returned ones (same names per level and view)
+    quirks = run(make_method(reference_quirks=True), s_w, t_w, s_s, t_s, y)
+    assert set(quirks) == set(default)
+
+
+def test_strong_class_level_dominates_with_few_classes():
+    """The documented reason for the default: with few classes and teacher-like logits the
+    (unmasked) strong class term is as large as the instance terms; with many classes it is
+    negligible. Checked on the numpy derivation, independent of the plugin."""
+    g = np.random.default_rng(0)
+
+    def ratio(c, b):
+        y = g.integers(0, c, b)
+        t = 5.0 * np.eye(c)[y] + g.standard_normal((b, c))
+        s = 0.2 * g.standard_normal((b, c))
+        ref = np_mlld_paper(s, t, s, t, y, strong_levels=ALL_LEVELS)
+        return ref["mlld_class_strong"] / ref["mlld_instance_strong"]
+
+    assert ratio(5, 32) > 0.3
+    assert ratio(100, 64) < 1e-3
+
+
+def test_strong_levels_validation():
+    with pytest.raises(Exception, match="repeats"):
+        MLLDParams(strong_levels=("instance", "instance"))
+    with pytest.raises(Exception):
+        MLLDParams(strong_levels=("feature",))
+    with pytest.raises(Exception, match="reference_quirks"):
+        MLLDParams(reference_quirks=True, strong_levels=ALL_LEVELS)
+    assert MLLDParams(strong_levels=["class", "instance"]).strong_levels == ("class", "instance")
 
 
 def test_paper_and_reference_modes_differ_only_as_documented():
@@ -224,7 +280,7 @@ def test_all_ties_mask_equals_unmasked_loss():
     b, c = 4, 6
     t = torch.zeros(b, c)
     s = torch.randn(b, c, generator=torch.Generator().manual_seed(5))
-    terms = run(make_method(), s, t, s, t, torch.zeros(b, dtype=torch.long))
+    terms = run(make_method(strong_levels=ALL_LEVELS), s, t, s, t, torch.zeros(b, dtype=torch.long))
     unmasked_ins = 0.9 * sum(np.mean(np_kl_rows(s.numpy(), t.numpy(), T)) for T in TEMPS)
     unmasked_cls = 0.9 * sum(np_class_sq(s.numpy(), t.numpy(), T).sum() for T in TEMPS)
     assert terms["mlld_instance_weak"].item() == pytest.approx(unmasked_ins, rel=1e-5)
@@ -237,9 +293,10 @@ def test_all_ties_mask_equals_unmasked_loss():
 
 def test_batch_of_one_is_finite():
     s_w, t_w, s_s, t_s, y = fixed_logits(1, 5, 4)
-    terms = run(make_method(), s_w, t_w, s_s, t_s, y)
+    terms = run(make_method(strong_levels=ALL_LEVELS), s_w, t_w, s_s, t_s, y)
     assert all(torch.isfinite(v) for v in terms.values())
-    ref = np_mlld_paper(s_w.numpy(), t_w.numpy(), s_s.numpy(), t_s.numpy(), y.numpy())
+    ref = np_mlld_paper(s_w.numpy(), t_w.numpy(), s_s.numpy(), t_s.numpy(), y.numpy(),
+                        strong_levels=ALL_LEVELS)
     for k in ref:
         assert terms[k].item() == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
 
@@ -259,6 +316,7 @@ def test_params_and_views():
     assert MLLD.views == ("strong",) and MLLD.default_weight == 1.0
     assert method.temperatures == TEMPS and method.kd_weight == 0.9
     assert method.ce_weight_strong == 0.1
+    assert method.strong_levels == ("instance",) and method.reference_quirks is False
     with pytest.raises(Exception):
         MLLDParams(temperatures=())
     with pytest.raises(Exception):
@@ -302,7 +360,7 @@ def test_gradients_reach_only_the_student():
     with torch.no_grad():
         setup = make_setup(student(x_w[:2]), teacher(x_w[:2]), student, teacher)
         t_w, t_s = teacher(x_w), teacher(x_s)
-    method = MLLD(MLLDParams(), setup)
+    method = MLLD(MLLDParams(strong_levels=ALL_LEVELS), setup)  # every term, strong ones too
     assert len(list(method.parameters())) == 0
     student.train()
     s_w, s_s = student(x_w), student(x_s)
