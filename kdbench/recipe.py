@@ -223,14 +223,21 @@ class LoadedRecipe:
         return Path(self.recipe.teacher_cache) if self.recipe.teacher_cache else self.output_dir / "teachers"
 
 
-def _model_spec(ref: ModelRef) -> dict:
-    return {"name": ref.name, "params": ref.params}
+def _resolved(registry: Registry, kind: str, name: str, params: dict) -> dict:
+    """The plugin's parameters with its defaults filled in: a changed default changes the run
+    id, so a cached result is never reused for a computation that is no longer the same."""
+    plugin = registry.find(kind, name)
+    return plugin.params.model_validate(params).model_dump(mode="json", by_alias=True)
 
 
 def expand(loaded: LoadedRecipe, registry: Registry) -> tuple[list[RunSpec], list[RunSpec]]:
     """Recipe -> (teacher runs, student runs); pairs × teacher objectives × method sets × seeds."""
     r = loaded.recipe
-    dataset = {"name": r.dataset.name, "params": r.dataset.params,
+    def model_spec(ref: ModelRef) -> dict:
+        return {"name": ref.name, "params": _resolved(registry, "model", ref.name, ref.params)}
+
+    dataset = {"name": r.dataset.name,
+               "params": _resolved(registry, "dataset", r.dataset.name, r.dataset.params),
                "subset_per_class": r.dataset.subset_per_class,
                "test_subset_per_class": r.dataset.test_subset_per_class}
     common = {"v": SPEC_VERSION, "dataset": dataset, "precision": r.precision,
@@ -252,21 +259,23 @@ def expand(loaded: LoadedRecipe, registry: Registry) -> tuple[list[RunSpec], lis
                     teacher = None
                     if obj is not None:
                         tseed = r.teacher_seed if r.teacher_seed is not None else seed
-                        tspec = {**common, "model": _model_spec(pair.teacher),
-                                 "objective": {"name": obj.name, "params": obj.params},
+                        tspec = {**common, "model": model_spec(pair.teacher),
+                                 "objective": {"name": obj.name, "params": _resolved(
+                                     registry, "teacher_objective", obj.name, obj.params)},
                                  "schedule": r.teacher_schedule.model_dump(), "seed": tseed}
                         if obj.checkpoint:  # a published teacher: its file, not training, decides it
-                            tspec = {**common, "model": _model_spec(pair.teacher),
+                            tspec = {**common, "model": model_spec(pair.teacher),
                                      "checkpoint": _file_identity(obj.checkpoint)}
                         teacher = RunSpec("teacher", tspec, {
                             "group": group, "dataset": dataset_label, "order": pairs_order[pair.display], "model": pair.teacher.label or pair.teacher.name,
                             "objective": obj.display, "ref_teacher": pair.ref_teacher,
                             "reference": ref, "pair": pair.display})
                         teacher = teachers.setdefault(teacher.id, teacher)
-                    sspec = {**common, "model": _model_spec(pair.student),
+                    sspec = {**common, "model": model_spec(pair.student),
                              "teacher": teacher.id if teacher else None,
                              "methods": [{"name": m.name, "weight": _weight(m, registry),
-                                          "params": m.params} for m in ms.methods],
+                                          "params": _resolved(registry, "student_method", m.name,
+                                                              m.params)} for m in ms.methods],
                              "schedule": r.student_schedule.model_dump(), "seed": seed}
                     students.append(RunSpec("student", sspec, {
                         "group": group, "dataset": dataset_label,

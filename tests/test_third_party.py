@@ -153,7 +153,8 @@ def test_recipe_trains_with_the_third_party_method(workdir):
         assert 0 <= rec["final"]["top1"] <= 100
     assert bare["spec"]["methods"] == [
         {"name": "ce", "weight": 0.1, "params": {}},
-        {"name": METHOD, "weight": 0.9, "params": {}},  # the plugin's default_weight
+        # the plugin's default_weight, and its parameters resolved with their defaults
+        {"name": METHOD, "weight": 0.9, "params": {"scale": 1.0}},
     ]
     assert qualified["spec"]["methods"][1] == {
         "name": f"{DIST}:{METHOD}", "weight": 0.5, "params": {"scale": 2.0}}
