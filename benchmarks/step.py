@@ -26,7 +26,7 @@ median ms per step, images/s, and the median over rounds of the per-round ratio
 kdbench images/s / reference images/s. ``--precision auto,fp32`` also times kdbench in fp32 (a
 separate student copy): on CUDA that separates the bf16 gain from the data path's.
 ``--channels-last`` adds kdbench with both nets and the batches in channels_last memory format,
-a proposal the engine does not implement (see benchmarks/README.md). On CUDA the reference's
+as the engine runs on CUDA (DeviceData and GridRunner._build). On CUDA the reference's
 "fp32" convolutions use TF32 (PyTorch's default for cuDNN), as RepDistiller would today.
 
 Quick CPU run (~2 minutes on 2 shared cores):
