@@ -51,6 +51,7 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append({
             "group": m["group"], "dataset": m["dataset"], "pair": m["pair"],
             "pair_order": m["order"][0], "row_order": m["order"][1],
+            "objective_order": m["order"][2] if len(m["order"]) > 2 else 0,
             "method_set": m["method_set"], "objective": m.get("objective"),
             "seed": rec["spec"]["seed"], "status": rec["status"],
             "top1": rec[metric]["top1"] if ok else math.nan,
@@ -62,13 +63,14 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     trows = []
     for key, sub in df.dropna(subset=["teacher_id"]).groupby(["group", "dataset", "pair", "objective"]):
         pair_order = int(sub["pair_order"].min())
+        objective_order = int(sub["objective_order"].min())
         for tid in sub["teacher_id"].unique():
             t = teachers.get(tid)
             if t is None:
                 continue
             ok = t["status"] == "done"
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
-                          "pair_order": pair_order,
+                          "pair_order": pair_order, "objective_order": objective_order,
                           "objective_name": ((t.get("spec") or {}).get("objective") or {}).get("name"),
                           "teacher_id": tid, "status": t["status"],
                           "top1": t[metric]["top1"] if ok else math.nan,
@@ -103,11 +105,12 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
         n_obj = sub.groupby("method_set")["objective"].nunique(dropna=False)
         sub = sub.assign(row=[ms if n_obj[ms] <= 1 else f"{ms} ({o})"
                               for ms, o in zip(sub["method_set"], sub["objective"])])
-        row_order = sub.sort_values("row_order", kind="stable")["row"].drop_duplicates().tolist()
+        row_order = sub.sort_values(["row_order", "objective_order"], kind="stable")["row"]
+        row_order = row_order.drop_duplicates().tolist()
         lines, long_rows, means = {}, [], {}
         tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
         if len(tsub):  # the diagnostics table lists the pairs in column order
-            tsub = tsub.sort_values("pair_order", kind="stable")
+            tsub = tsub.sort_values(["pair_order", "objective_order"], kind="stable")
         # (label, records, is_teacher, reference row name)
         teacher_rows = []
         if len(tsub):

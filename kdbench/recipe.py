@@ -279,7 +279,8 @@ def expand(loaded: LoadedRecipe, registry: Registry) -> tuple[list[RunSpec], lis
                              "schedule": r.student_schedule.model_dump(), "seed": seed}
                     students.append(RunSpec("student", sspec, {
                         "group": group, "dataset": dataset_label,
-                        "order": [pairs_order[pair.display], r.method_sets.index(ms)], "pair": pair.display,
+                        "order": [pairs_order[pair.display], r.method_sets.index(ms),
+                                  r.teacher_objectives.index(obj) if obj else -1], "pair": pair.display,
                         "teacher_model": pair.teacher.label or pair.teacher.name,
                         "student_model": pair.student.label or pair.student.name,
                         "objective": obj.display if obj else None,
