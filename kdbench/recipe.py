@@ -497,32 +497,26 @@ class _Locator:
         return f"line {line}: " if line else ""
 
     def find(self, path: tuple) -> int | None:
-        start, end = 0, len(self.lines)
-        names = [p for p in path if not isinstance(p, int)]
-        indices = [p for p in path if isinstance(p, int)]
-        # Array-of-tables header such as [[method_sets]]: jump to the n-th one.
-        if path and isinstance(path[0], str) and len(path) > 1 and isinstance(path[1], int):
-            header = re.compile(r"^\s*\[\[\s*" + re.escape(path[0]) + r"\s*\]\]")
-            hits = [i for i, ln in enumerate(self.lines) if header.match(ln)]
-            if len(hits) > path[1]:
-                start = hits[path[1]]
-                nxt = [i for i, ln in enumerate(self.lines[start + 1:], start + 1)
-                       if re.match(r"^\s*\[", ln)]
-                end = nxt[0] if nxt else len(self.lines)
-                rest = [p for p in path[2:]]
-                return self._find_keys(rest, start, end) or start + 1
-            # Inline array of tables, e.g. pairs = [{...}, {...}]
-        elif path and isinstance(path[0], str):
-            header = re.compile(r"^\s*\[\s*" + re.escape(path[0]) + r"\s*\]")
-            hits = [i for i, ln in enumerate(self.lines) if header.match(ln)]
-            if hits:
-                start = hits[0]
-                nxt = [i for i, ln in enumerate(self.lines[start + 1:], start + 1)
-                       if re.match(r"^\s*\[", ln)]
-                end = nxt[0] if nxt else len(self.lines)
-                return self._find_keys(list(path[1:]), start, end) or start + 1
-        del names, indices
+        """1-based line of the key at ``path``: searched inside its ``[table]`` or n-th
+        ``[[array]]`` section when the file has one, else anywhere (inline tables)."""
+        if path and isinstance(path[0], str):
+            is_array = len(path) > 1 and isinstance(path[1], int)
+            n, rest = (path[1], path[2:]) if is_array else (0, path[1:])
+            pattern = r"^\s*\[\[\s*%s\s*\]\]" if is_array else r"^\s*\[\s*%s\s*\]"
+            section = self._section(re.compile(pattern % re.escape(path[0])), n)
+            if section:
+                start, end = section
+                return self._find_keys(list(rest), start, end) or start + 1
         return self._find_keys(list(path), 0, len(self.lines))
+
+    def _section(self, header: re.Pattern, n: int) -> tuple[int, int] | None:
+        hits = [i for i, line in enumerate(self.lines) if header.match(line)]
+        if len(hits) <= n:
+            return None
+        start = hits[n]
+        end = next((i for i in range(start + 1, len(self.lines))
+                    if re.match(r"^\s*\[", self.lines[i])), len(self.lines))
+        return start, end
 
     def _find_keys(self, path: list, start: int, end: int) -> int | None:
         """Walk the keys outer to inner, each at or after the line of the previous one."""

@@ -304,7 +304,11 @@ class GridRunner:
             checked.add(key)
             role = (f"teacher of pair {spec.meta.get('pair')!r}" if spec.kind == "teacher"
                     else f"student of pair {spec.meta.get('pair')!r}")
-            params = ", ".join(f"{k}={v!r}" for k, v in (model_spec.get("params") or {}).items())
+            fields = self.registry.find("model", model_spec["name"]).params.model_fields
+            defaults = {f.alias or k: f.get_default(call_default_factory=True)
+                        for k, f in fields.items()}
+            params = ", ".join(f"{k}={v!r}" for k, v in (model_spec.get("params") or {}).items()
+                               if defaults.get(k, object()) != v)  # what the recipe set
             where = (f"{self.loaded.path}: {role}: model {model_spec['name']!r}"
                      + (f" ({params})" if params else ""))
             model = build_model(self.registry, model_spec, train.num_classes)
