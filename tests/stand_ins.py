@@ -140,3 +140,19 @@ def adaptive_avg_pool_np(x, out_h, out_w):
             w0, w1 = (j * w) // out_w, -(-((j + 1) * w) // out_w)
             y[:, :, i, j] = x[:, :, h0:h1, w0:w1].mean(axis=(2, 3))
     return y
+
+
+class OneConvNet(KDModel):
+    """conv + BN + ReLU + pool + linear: the smallest net with every ModelOutput field."""
+
+    def __init__(self, num_classes: int, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        pre = self.bn(self.conv(x))
+        h = F.relu(pre)
+        pooled = h.mean((2, 3))
+        return ModelOutput(self.fc(pooled), [h], [pre], pooled)

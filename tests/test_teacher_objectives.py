@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from kdbench.api import Batch, KDModel, ModelOutput, ObjectiveSetup
+from kdbench.api import Batch, ModelOutput, ObjectiveSetup
 from kdbench_plugins.teachers.intra_class import (
     IntraClass,
     IntraClassParams,
@@ -21,24 +20,16 @@ from kdbench_plugins.teachers.intra_class import (
 )
 from kdbench_plugins.teachers.margin_intra import MarginIntra, MarginIntraParams, margin
 
+from stand_ins import OneConvNet
+
 torch.set_num_threads(1)
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-class TinyNet(KDModel):
-    def __init__(self, num_classes=3, width=6):
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, padding=1)
-        self.bn = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        pre = self.bn(self.conv(x))
-        h = F.relu(pre)
-        pooled = h.mean((2, 3))
-        return ModelOutput(self.fc(pooled), [h], [pre], pooled)
+def TinyNet(num_classes=3, width=6):
+    return OneConvNet(num_classes, width)
 
 
 def make_setup(num_classes=3, image_size=4, model=None):
