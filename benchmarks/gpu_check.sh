@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of kdbench: CPU-vs-GPU loss/gradient parity of every student method and teacher
-# objective, then the speed benchmarks (augment, step, epoch) on CUDA. Sized to finish in under
-# 8 minutes on one H100/H200 (UNTESTED on a GPU so far: see benchmarks/README.md).
+# objective, then the speed benchmarks (augment, step, epoch, teacher_cache) on CUDA. Sized to
+# finish in under 8 minutes on one H100/H200 (UNTESTED on a GPU so far: see benchmarks/README.md).
 #
 #   benchmarks/gpu_check.sh                  # CUDA (default)
 #   benchmarks/gpu_check.sh --device cpu     # the same harness, tiny sizes, on the CPU:
@@ -53,6 +53,8 @@ if [ "$DEVICE" = cuda ]; then
   STEP=(step.py --device cuda --precision auto,fp32 --channels-last --steps 30 --rounds 5)
   # ~1-2 min: one 50k-image epoch (+ 10k eval) of each of the six pairs.
   EPOCH=(epoch.py --device cuda "${PEAK_ARG[@]}")
+  # ~1 min: 2 KD students x 3 epochs of 50k images, live teacher vs the logit cache.
+  CACHE=(teacher_cache.py --device cuda --n 50000 --epochs 3 --students 2)
 else
   GPU="none (cpu mode)"
   T=(); [ -n "${THREADS:-}" ] && T=(--threads "$THREADS")
@@ -62,6 +64,8 @@ else
   STEP=(step.py --device cpu --width-mult 0.125 --n 1024 --batch-sizes 64 --steps 2 --rounds 2
         --warmup 1 --workers 2 "${T[@]}")
   EPOCH=(epoch.py --device cpu --width-mult 0.125 --n 512 --n-test 256 --warmup 1 "${T[@]}")
+  CACHE=(teacher_cache.py --device cpu --width-mult 0.125 --n 512 --n-test 128 --epochs 2
+         --students 2 "${T[@]}")
 fi
 
 START=$(date +%s)
@@ -91,6 +95,7 @@ stage parity "${PARITY[@]}"
 stage augment "${AUGMENT[@]}"
 stage step "${STEP[@]}"
 stage epoch "${EPOCH[@]}"
+stage teacher_cache "${CACHE[@]}"
 
 TOTAL=$(( $(date +%s) - START ))
 SUMMARY+="- total: ${TOTAL}s; failed stages: ${FAILED[*]:-none}"$'\n'

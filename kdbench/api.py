@@ -103,7 +103,8 @@ class Batch:
     ``x`` is the normalised augmented view 0 (crop + flip); ``views`` holds any extra views a
     plugin asked for by name (e.g. ``"second"`` for a second crop+flip view, ``"strong"`` for
     RandAugment + Cutout), normalised the same way. ``index`` are the dataset indices of the
-    samples (CRD's memory banks use them).
+    samples (CRD's memory banks use them); ``view_code`` numbers the crop offset and flip of
+    ``x`` (see :func:`kdbench.data.augment.crop_flip_code`).
     """
 
     x: Tensor
@@ -113,6 +114,7 @@ class Batch:
     epoch: int = 0  # 0-based
     epochs: int = 1
     step: int = 0  # global optimizer step, 0-based
+    view_code: Tensor | None = None
 
 
 @dataclass
@@ -145,12 +147,18 @@ class StudentMethod(nn.Module):
       * ``default_weight``: the weight used when the recipe gives none (from the method card).
       * ``teacher_train_mode``: run the teacher in train mode (e.g. OFD's reference keeps the
         teacher's BN in train mode). The teacher still receives no gradient.
+      * ``teacher_logits_only``: the method reads nothing of the teacher's output but
+        ``logits``. When every method of a set says so (and none needs extra views), a recipe
+        with ``teacher_logit_cache = true`` serves the teacher's logits from a cache; the
+        teacher output the method then gets has empty ``feats``/``preact_feats`` and no
+        ``pooled``.
     """
 
     needs_teacher: ClassVar[bool] = True
     views: ClassVar[tuple[str, ...]] = ()
     default_weight: ClassVar[float] = 1.0
     teacher_train_mode: ClassVar[bool] = False
+    teacher_logits_only: ClassVar[bool] = False
 
     def forward(
         self,

@@ -145,6 +145,9 @@ class Recipe(_Strict):
     compile: bool = Field(False, description="torch.compile the nets' forward (CUDA); not part "
                           "of run ids, since it changes speed, not the computation")
     deterministic: bool = False
+    teacher_logit_cache: bool = Field(
+        False, description="serve a frozen teacher's logits from an exact per-view cache to "
+        "method sets that read only logits (kdbench/engine/teacher_cache.py); not part of run ids")
     checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N "
                                                "steps (always at every epoch's end); not part of run ids")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)

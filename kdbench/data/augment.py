@@ -23,13 +23,33 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int = 4) 
     return picked_rows.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
+def draw_crop_flip(n: int, device, generator: torch.Generator, padding: int = 4) -> tuple[Tensor, Tensor]:
+    """Offsets (n, 2) uniform in 0..2·padding and flips (n,) with p = 0.5, in that order."""
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), device=device, generator=generator)
+    flips = torch.rand(n, device=device, generator=generator) < 0.5
+    return offsets, flips
+
+
 def random_crop_flip(images: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
-    """Draw offsets uniform in 0..2·padding and flips with p = 0.5, then :func:`crop_flip`."""
-    n = images.shape[0]
-    dev = images.device
-    offsets = torch.randint(0, 2 * padding + 1, (n, 2), device=dev, generator=generator)
-    flips = torch.rand(n, device=dev, generator=generator) < 0.5
-    return crop_flip(images, offsets, flips, padding)
+    """Draw offsets and flips (:func:`draw_crop_flip`), then :func:`crop_flip`."""
+    return crop_flip(images, *draw_crop_flip(images.shape[0], images.device, generator, padding), padding)
+
+
+# Each crop+flip view is one of (2·padding + 1)² · 2 combinations (162 for padding 4); its code
+# numbers them, so a frozen teacher's outputs can be cached per (view code, image).
+def crop_flip_code(offsets: Tensor, flips: Tensor, padding: int = 4) -> Tensor:
+    return (offsets[:, 0] * (2 * padding + 1) + offsets[:, 1]) * 2 + flips.long()
+
+
+def crop_flip_decode(code: Tensor, padding: int = 4) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`crop_flip_code`: (offsets, flips)."""
+    side = 2 * padding + 1
+    cell, flips = code.div(2, rounding_mode="floor"), code.remainder(2).bool()
+    return torch.stack([cell.div(side, rounding_mode="floor"), cell.remainder(side)], 1), flips
+
+
+def num_crop_flip_codes(padding: int = 4) -> int:
+    return (2 * padding + 1) ** 2 * 2
 
 
 class Normalizer:

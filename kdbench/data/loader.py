@@ -3,13 +3,15 @@ permutation on the device, and every batch is a gather + batched augmentation + 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from kdbench.api import Batch, ImageData
-from kdbench.data.augment import Normalizer, random_crop_flip
+from kdbench.data.augment import (Normalizer, crop_flip, crop_flip_code, draw_crop_flip,
+                                  random_crop_flip)
 
 
 def subset_per_class(data: ImageData, per_class: int | None, seed: int = 0) -> ImageData:
@@ -40,6 +42,24 @@ VIEW_MAKERS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
 }
 
 
+@dataclass
+class EpochPlan:
+    """An epoch's random draws made up front: the sample order and every batch's crop offsets
+    and flips, drawn from the generator in exactly the order :meth:`DeviceData.train_batches`
+    draws them batch by batch (so planned and unplanned epochs are the same epoch). Only for
+    epochs without extra views, whose draws would come in between."""
+
+    batches: list[tuple[Tensor, Tensor, Tensor]]  # (index, offsets, flips) per batch
+
+    @property
+    def index(self) -> Tensor:
+        return torch.cat([b[0] for b in self.batches])
+
+    @property
+    def view_code(self) -> Tensor:
+        return torch.cat([crop_flip_code(b[1], b[2]) for b in self.batches])
+
+
 class DeviceData:
     """One split on the device with its normaliser."""
 
@@ -56,30 +76,39 @@ class DeviceData:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def train_batches(self, batch_size: int, generator: torch.Generator, views=(),
-                      epoch: int = 0, epochs: int = 1, first_step: int = 0) -> Iterator[Batch]:
-        """Shuffled, augmented batches. A last batch of a single sample is dropped (BatchNorm
-        cannot train on it); otherwise the last, smaller batch is kept, as the reference
-        DataLoaders (drop_last=False) do."""
+    def epoch_plan(self, batch_size: int, generator: torch.Generator) -> EpochPlan:
+        return EpochPlan(list(self._draws(batch_size, generator)))
+
+    def _draws(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         n = len(self)
         order = torch.randperm(n, device=self.device, generator=generator)
-        step = first_step
         for start in range(0, n, batch_size):
             index = order[start:start + batch_size]
             if index.shape[0] < 2:
                 break
-            raw = self.images[index]
-            batch = Batch(
-                x=self.normalize(random_crop_flip(raw, generator)),
+            yield (index, *draw_crop_flip(index.shape[0], self.device, generator))
+
+    def train_batches(self, batch_size: int, generator: torch.Generator, views=(),
+                      epoch: int = 0, epochs: int = 1, first_step: int = 0,
+                      plan: EpochPlan | None = None) -> Iterator[Batch]:
+        """Shuffled, augmented batches (those of ``plan`` if given). A last batch of a single
+        sample is dropped (BatchNorm cannot train on it); otherwise the last, smaller batch is
+        kept, as the reference DataLoaders (drop_last=False) do."""
+        if plan is not None and views:
+            raise ValueError("an epoch with extra views cannot be planned ahead")
+        draws = iter(plan.batches) if plan is not None else self._draws(batch_size, generator)
+        for step, (index, offsets, flips) in enumerate(draws, start=first_step):
+            raw = self.images[index]  # drawn before the extra views below: the stream's order
+            yield Batch(
+                x=self.normalize(crop_flip(raw, offsets, flips)),
                 y=self.labels[index],
                 index=index,
                 views={v: self.normalize(VIEW_MAKERS[v](raw, generator)) for v in views},
                 epoch=epoch,
                 epochs=epochs,
                 step=step,
+                view_code=crop_flip_code(offsets, flips),
             )
-            yield batch
-            step += 1
 
     def num_batches(self, batch_size: int) -> int:
         n = len(self)

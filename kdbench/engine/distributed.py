@@ -158,6 +158,9 @@ class DistributedTask:
         self.modules, self.eval_model, self.epoch_stats = task.modules, task.eval_model, task.epoch_stats
         if hasattr(task, "stateful_modules"):
             self.stateful_modules = task.stateful_modules
+        # Every rank plans the same epoch and fills the same teacher logit cache entries.
+        self.plans_epochs = getattr(task, "plans_epochs", False)
+        self.start_epoch = getattr(task, "start_epoch", None)
         ids = [device.index] if device.type == "cuda" else None
 
         def net(model):

@@ -61,13 +61,16 @@ class FitResult:
         return {"top1": best["test_top1"], "top5": best["test_top5"], "epoch": best["epoch"]}
 
 
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 on CUDA unless fp32 was asked for, and on the CPU if bf16 was; else None (fp32)."""
+    if (device.type == "cuda" and precision != "fp32") or (device.type == "cpu" and precision == "bf16"):
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA unless fp32 was asked for; plain fp32 on the CPU."""
-    if device.type == "cuda" and precision != "fp32":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if precision == "bf16" and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def make_optimizer(params, schedule, device: torch.device):
@@ -182,8 +185,12 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
                               epoch_gen_state=epoch_gen_state if mid_epoch else generator.get_state(),
                               epochs=result.epochs, accum=acc if mid_epoch else None)
 
+        plan = None
+        if getattr(task, "plans_epochs", False):  # the task looks at the epoch's draws first
+            plan = train.epoch_plan(schedule.batch_size, generator)
+            task.start_epoch(plan)
         batches = train.train_batches(schedule.batch_size, generator, task.views, epoch,
-                                      schedule.epochs, step - skip)
+                                      schedule.epochs, step - skip, plan=plan)
         for i, batch in enumerate(batches):
             if i < skip:
                 continue

@@ -44,7 +44,8 @@ from kdbench.data.loader import DeviceData, subset_per_class
 from kdbench.diagnostics import teacher_diagnostics
 from kdbench.engine.checkpoint import Checkpointer
 from kdbench.engine.locks import RunLock
-from kdbench.engine.loop import Diverged, Interrupted, autocast, evaluate, fit
+from kdbench.engine.loop import Diverged, Interrupted, autocast, autocast_dtype, evaluate, fit
+from kdbench.engine.teacher_cache import TeacherLogitCache
 from kdbench.recipe import LoadedRecipe, RunSpec, expand
 from kdbench.registry import Registry
 from kdbench.store import RunStore, atomic_write_bytes, provenance
@@ -117,6 +118,38 @@ def dummy_forward(model: nn.Module, data: DeviceData) -> ModelOutput:
     return out
 
 
+def cast_teacher_once(teacher: nn.Module, data: DeviceData, device: torch.device, precision: str) -> bool:
+    """Cast a frozen teacher's conv and linear weights to the autocast dtype once. Autocast
+    re-casts weights at every forward unless they require grad, which a frozen teacher's do
+    not; the cast rounds the same way, so the outputs are bit-identical. That is checked on
+    two images (eval mode) and the cast undone if any output differs (e.g. a model reading a
+    weight outside an autocast op). True if the teacher was cast."""
+    dtype = autocast_dtype(device, precision)
+    layers = [m for m in teacher.modules() if type(m) in (nn.Conv2d, nn.Linear)]  # not subclasses
+    if dtype is None or not layers:
+        return False
+    was_training = teacher.training
+    teacher.eval()
+    x = data.normalize(data.images[:2])
+    flat = lambda out: [out.logits, *out.feats, *out.preact_feats, out.pooled]  # noqa: E731
+    original = {id(p): p.data for m in layers for p in m.parameters()}
+    with torch.no_grad(), autocast(device, precision):
+        before = flat(teacher(x))
+        for m in layers:
+            m.to(dtype)
+        try:
+            after = flat(teacher(x))
+            same = all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(before, after))
+        except Exception:
+            same = False
+    if not same:
+        for m in layers:
+            for p in m.parameters():
+                p.data = original[id(p)]
+    teacher.train(was_training)
+    return same
+
+
 # ------------------------------------------------------------------------------------------------
 # Tasks: what a step computes for a teacher and for a student.
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +174,9 @@ class TeacherTask:
 
 
 class StudentTask:
-    """One forward of each net per view; every method of the set shares those outputs."""
+    """One forward of each net per view; every method of the set shares those outputs. With a
+    teacher logit cache (:mod:`kdbench.engine.teacher_cache`) the teacher's logits of view 0 come
+    from the cache, filled at the start of each epoch from the epoch's planned draws."""
 
     def __init__(self, student, teacher, methods: list[tuple[str, float, nn.Module]]):
         self.student, self.teacher, self.methods = student, teacher, methods
@@ -151,6 +186,25 @@ class StudentTask:
         self.teacher_train_mode = any(m.teacher_train_mode for _, _, m in methods)
         if teacher is not None:
             teacher.train(self.teacher_train_mode)  # once: nothing else changes the teacher's mode
+        self.logit_cache = None
+        self.plans_epochs = False  # fit() plans each epoch ahead and calls start_epoch(plan)
+
+    def logit_cache_blocker(self) -> str | None:
+        """Why this step cannot take its teacher logits from a cache (None: it can)."""
+        if self.teacher is None:
+            return "no teacher"
+        if self.views:
+            return f"extra views {list(self.views)}"
+        if self.teacher_train_mode:
+            return "the teacher runs in train mode"
+        reading = [name for name, _, m in self.methods if m.needs_teacher and not m.teacher_logits_only]
+        return f"{', '.join(reading)} read(s) more than the teacher's logits" if reading else None
+
+    def use_logit_cache(self, cache) -> None:
+        self.logit_cache, self.plans_epochs = cache, True
+
+    def start_epoch(self, plan) -> None:
+        self.logit_cache.fill(plan)
 
     def modules(self):
         return [self.student, *(m for _, _, m in self.methods)]
@@ -169,7 +223,11 @@ class StudentTask:
             return self.teacher(x)
 
     def loss_terms(self, batch):
-        s_out, t_out = self.student(batch.x), self._teacher(batch.x)
+        s_out = self.student(batch.x)
+        if self.logit_cache is not None:
+            t_out = ModelOutput(self.logit_cache.logits(batch.index, batch.view_code), [], [], None)
+        else:
+            t_out = self._teacher(batch.x)
         extra = {v: (self.student(batch.views[v]), self._teacher(batch.views[v])) for v in self.views}
         terms = {}
         for name, weight, method in self.methods:
@@ -260,6 +318,7 @@ class GridRunner:
         self.attempted: dict[str, str] = {}  # run id -> its outcome in this process
         self._pending_teachers: set[str] = set()  # teachers of our queue not attempted yet
         self._busy: dict[str, str] = {}  # run id -> why it had to wait
+        self._logit_cache: tuple[tuple, TeacherLogitCache] | None = None  # the current teacher's
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> dict:
@@ -355,6 +414,9 @@ class GridRunner:
         self._snapshot = {s.id: self._record_key(s) for s in self.teachers + self.students}
         plan = self.plan()
         todo_students = [s for s, done in plan["students"] if not done]
+        if self.recipe.teacher_logit_cache:  # students of a teacher back to back share its cache
+            first: dict[str, int] = {}
+            todo_students.sort(key=lambda s: first.setdefault(s.teacher.id if s.teacher else "", len(first)))
         summary.skipped += [s.id for s, done in plan["students"] if done]
         todo = plan["teachers_needed"] + todo_students
         if self.only is not None:
@@ -612,12 +674,48 @@ class GridRunner:
         teacher = self.load_teacher(spec.teacher) if spec.teacher else None
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
         task = self.student_task(spec, teacher)
+        if teacher is not None:  # after student_task: the methods' sizing forward ran in fp32
+            cast_teacher_once(teacher, self.data()[0], self.device, self.recipe.precision)
+        cache_report = self._attach_logit_cache(spec, task)
         student = task.student
         result = self._fit(task, spec, checkpointer)
         record = self._base_record(spec, "done")
         record.update(epochs=result.epochs, final=result.final, best=result.best,
                       weights_sha256=weights_sha256(student.state_dict()))
+        if cache_report is not None:
+            record["teacher_logit_cache"] = cache_report()
         if spec.teacher is not None:
             trec = self.store.record("teacher", spec.teacher.id) or {}
             record["teacher_final"] = trec.get("final")
         return record
+
+    def _attach_logit_cache(self, spec: RunSpec, task: StudentTask):
+        """Give ``task`` the teacher logit cache if the recipe asks for it and the method set
+        allows it; one cache is kept, for the teacher (and batch size) of the current student.
+        Returns a callable giving the record's ``teacher_logit_cache`` entry, or None."""
+        if not self.recipe.teacher_logit_cache or spec.teacher is None:
+            return None
+        blocker = task.logit_cache_blocker()
+        if blocker is not None:
+            return lambda: {"used": False, "why_not": blocker}
+        batch_size = spec.spec["schedule"]["batch_size"]
+        key = (spec.teacher.id, batch_size)  # chunks have the step's batch shape
+        shared = self._logit_cache is not None and self._logit_cache[0] == key
+        if not shared:
+            self._logit_cache = None  # free the previous teacher's table first
+            self._logit_cache = (key, TeacherLogitCache(
+                task.teacher, self.data()[0], batch_size,
+                lambda: autocast(self.device, self.recipe.precision)))
+        cache = self._logit_cache[1]
+        cache.teacher = task.teacher  # the same weights, loaded for this student
+        before = cache.stats()
+        task.use_logit_cache(cache)
+
+        def report() -> dict:
+            after = cache.stats()
+            computed = after["entries_computed"] - before["entries_computed"]
+            served = after["entries_served"] - before["entries_served"]
+            return {"used": True, "shared_with_earlier_student": shared,
+                    "entries_computed": computed, "entries_served": served,
+                    "teacher_forwards_saved": round(1 - computed / served, 6) if served else 0.0}
+        return report

@@ -25,6 +25,7 @@ def kd_loss(student_logits, teacher_logits, temperature: float):
 
 class KD(StudentMethod):
     default_weight = 0.9
+    teacher_logits_only = True  # its teacher logits may come from the logit cache
 
     def __init__(self, params: KDParams, setup):
         super().__init__()

@@ -1,0 +1,174 @@
+"""The teacher logit cache (kdbench/engine/teacher_cache.py), epoch plans, and the frozen
+teacher's one-time cast to the autocast dtype."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kdbench.api import ImageData, ModelOutput
+from kdbench.cli import main
+from kdbench.data.augment import crop_flip_code, crop_flip_decode, num_crop_flip_codes
+from kdbench.data.loader import DeviceData
+from kdbench.engine.runner import StudentTask, build_model, cast_teacher_once
+from kdbench.engine.teacher_cache import TeacherLogitCache
+from kdbench.registry import load_registry
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry()
+
+
+def _data(n=44, classes=4, size=16):
+    g = torch.Generator().manual_seed(0)
+    return DeviceData(ImageData(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                                torch.arange(n) % classes, classes, (0.5,) * 3, (0.25,) * 3), CPU)
+
+
+def test_view_codes_number_all_162_crop_flip_views_and_decode_back():
+    side = torch.arange(9)
+    offsets = torch.cartesian_prod(side, side).repeat_interleave(2, 0)
+    flips = torch.tensor([False, True]).repeat(81)
+    code = crop_flip_code(offsets, flips)
+    assert sorted(code.tolist()) == list(range(num_crop_flip_codes())) == list(range(162))
+    back_offsets, back_flips = crop_flip_decode(code)
+    assert torch.equal(back_offsets, offsets) and torch.equal(back_flips, flips)
+
+
+def test_a_planned_epoch_is_the_unplanned_epoch():
+    """Drawing the epoch's offsets and flips up front consumes the generator exactly as drawing
+    them batch by batch: same batches, same view codes, same generator state after."""
+    data = _data(n=45)  # 16 + 16 + 13
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    live = list(data.train_batches(16, g1))
+    plan = data.epoch_plan(16, g2)
+    planned = list(data.train_batches(16, g2, plan=plan))
+    assert len(live) == len(planned) == 3
+    for a, b in zip(live, planned):
+        assert torch.equal(a.x, b.x) and torch.equal(a.index, b.index)
+        assert torch.equal(a.view_code, b.view_code)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert torch.equal(plan.index, torch.cat([b.index for b in live]))
+    with pytest.raises(ValueError, match="extra views"):
+        next(data.train_batches(16, g2, views=("second",), plan=plan))
+
+
+def test_cached_logits_are_the_eval_teachers_logits_and_computed_once(registry):
+    data = _data()
+    teacher = build_model(registry, {"name": "wrn_16_2", "params": {"width_mult": 0.25}}, 4).eval()
+    cache = TeacherLogitCache(teacher, data, chunk_size=16, amp=lambda: torch.autocast("cpu", enabled=False))
+    g = torch.Generator().manual_seed(1)
+    plan = data.epoch_plan(16, g)
+    cache.fill(plan)
+    assert cache.stats()["entries_computed"] == 44 == int(cache.filled.sum())
+    with torch.no_grad():
+        for batch in data.train_batches(16, g, plan=plan):
+            live = teacher(batch.x).logits
+            assert torch.equal(cache.logits(batch.index, batch.view_code), live)  # bit for bit
+    cache.fill(plan)  # the same views again: nothing to compute
+    assert cache.stats() == {"entries_computed": 44, "entries_served": 88, "teacher_forwards_saved": 0.5}
+
+
+class _Method(nn.Module):
+    def __init__(self, logits_only=True, views=(), train_mode=False, needs_teacher=True):
+        super().__init__()
+        self.teacher_logits_only, self.views = logits_only, views
+        self.teacher_train_mode, self.needs_teacher = train_mode, needs_teacher
+
+
+def test_only_logit_only_sets_with_an_eval_teacher_and_no_views_can_use_the_cache():
+    teacher = nn.Linear(2, 2)
+    ok = StudentTask(nn.Linear(2, 2), teacher, [("ce", 0.1, _Method(False, needs_teacher=False)),
+                                                ("kd", 0.9, _Method())])
+    assert ok.logit_cache_blocker() is None
+    cases = {"fitnet read(s) more": [("fitnet", 1, _Method(False))],
+             "extra views ['strong']": [("mlld", 1, _Method(views=("strong",)))],
+             "train mode": [("ofd", 1, _Method(train_mode=True))]}
+    for why, methods in cases.items():
+        assert why in StudentTask(nn.Linear(2, 2), teacher, methods).logit_cache_blocker()
+    assert StudentTask(nn.Linear(2, 2), None, [("ce", 1, _Method(False, needs_teacher=False))]
+                       ).logit_cache_blocker() == "no teacher"
+
+
+def _records(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (root / "students").glob("*/record.json")}
+
+
+FITNET_SET = """
+[[method_sets]]
+label = "FitNet"
+ref_method = "FitNet"
+methods = [{ name = "ce" }, { name = "fitnet" }]
+"""
+
+
+def test_kd_students_trained_with_the_cache_are_bit_identical(tiny_recipe, tmp_path):
+    """Two seeds of KD share one teacher (teacher_seed = 0): with the cache their weights are
+    bit-identical to the live teacher's, the second student reuses the first one's entries, and
+    a FitNet set (reads features) runs live and says why."""
+    recipe = tiny_recipe(seeds=(0, 1), extra=FITNET_SET)
+    text = recipe.read_text().replace("seeds = [0, 1]", "seeds = [0, 1]\nteacher_seed = 0")
+    recipe.write_text(text)
+    cached = tmp_path / "cached.toml"
+    cached.write_text(text.replace("teacher_seed = 0", "teacher_seed = 0\nteacher_logit_cache = true")
+                      .replace('epochs = 1\n', 'epochs = 3\n'))
+    recipe.write_text(text.replace('epochs = 1\n', 'epochs = 3\n'))
+    assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "live")]) == 0
+    assert main(["run", str(cached), "--plain", "--output", str(tmp_path / "cached")]) == 0
+    live, with_cache = _records(tmp_path / "live"), _records(tmp_path / "cached")
+    assert live.keys() == with_cache.keys() and len(live) == 6  # the cache is not part of run ids
+    for run_id, rec in with_cache.items():
+        assert rec["weights_sha256"] == live[run_id]["weights_sha256"]
+        assert rec["epochs"] == live[run_id]["epochs"]
+        assert "teacher_logit_cache" not in live[run_id]
+    kd = sorted((r for r in with_cache.values() if r["meta"]["method_set"] == "KD"), key=lambda r: r["spec"]["seed"])
+    n = 48 * 3  # 48 training images, 3 epochs
+    first, second = kd[0]["teacher_logit_cache"], kd[1]["teacher_logit_cache"]
+    assert first["used"] and not first["shared_with_earlier_student"] and first["entries_served"] == n
+    assert second["shared_with_earlier_student"] and second["entries_served"] == n
+    assert second["entries_computed"] < first["entries_computed"] <= n
+    fitnet = next(r for r in with_cache.values() if r["meta"]["method_set"] == "FitNet")
+    assert fitnet["teacher_logit_cache"] == {"used": False, "why_not": "fitnet read(s) more than the teacher's logits"}
+    assert "teacher_logit_cache" not in next(r for r in with_cache.values() if r["meta"]["method_set"] == "Student")
+
+
+@pytest.mark.parametrize("name", ["wrn_16_2", "resnet34", "vgg8", "mobilenetv2", "shufflenetv2"])
+def test_teacher_cast_once_gives_bit_identical_outputs(registry, name):
+    data = _data(n=8, size=32)
+    teacher = build_model(registry, {"name": name, "params": {"width_mult": 0.25}}, 4).eval().requires_grad_(False)
+    x = data.normalize(data.images)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = teacher(x)
+        assert cast_teacher_once(teacher, data, CPU, "bf16")
+        after = teacher(x)
+    convs = [m for m in teacher.modules() if type(m) is nn.Conv2d]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(m.weight.dtype == torch.float32 for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
+    for a, b in zip([before.logits, *before.feats, before.pooled], [after.logits, *after.feats, after.pooled]):
+        assert torch.equal(a, b)
+    assert not cast_teacher_once(build_model(registry, {"name": name, "params": {}}, 4), data, CPU, "fp32")
+
+
+class _ReadsItsWeight(nn.Module):
+    """A model that uses a weight outside an autocast op: casting it would change its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        pooled = x.mean((2, 3))
+        logits = self.fc(pooled) + self.fc.weight.float().sum()  # a sum is not an autocast op
+        return ModelOutput(logits, [], [], pooled)
+
+
+def test_teacher_cast_is_undone_when_outputs_would_change():
+    data = _data(n=4, size=8)
+    teacher = _ReadsItsWeight()
+    original = teacher.fc.weight.detach().clone()
+    assert not cast_teacher_once(teacher, data, CPU, "bf16")
+    assert teacher.fc.weight.dtype == torch.float32 and torch.equal(teacher.fc.weight, original)
