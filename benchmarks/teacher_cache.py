@@ -4,8 +4,9 @@
 For one teacher -> student pair, ``--students`` KD students (0.1 CE + 0.9 KL, T = 4; seeds
 0, 1, ...) of one frozen, randomly initialised teacher are trained for ``--epochs`` epochs on
 ``--n`` random uint8 3x32x32 images (100 classes), first with the teacher run at every step
-("live"), then with one :class:`kdbench.engine.teacher_cache.TeacherLogitCache` shared by the
-students in turn, as ``GridRunner`` shares it between the students of a teacher ("cache"). The
+("live"), and with one :class:`kdbench.engine.teacher_cache.TeacherLogitCache` shared by the
+students in turn, as ``GridRunner`` shares it between the students of a teacher ("cache"); each
+student's two runs follow each other, so drifting load hits both alike. The
 table gives, per student, the training time of both (sum of ``fit`` calls, evaluation on a
 small test split included), the teacher forwards the cache still computed (entries computed /
 entries served), the time ratio, and whether the student's final weights are bit-identical.
@@ -14,15 +15,15 @@ Below the table, the expected share of teacher forwards saved on the paper's CIF
 (nothing is timed there): with ``E`` epochs and ``k`` students drawing views of one teacher,
 an image's 162 views are computed 162 (1 - (1 - 1/162)^(kE)) times instead of kE.
 
-Quick CPU run (~3 minutes on 2 shared cores):
-    python benchmarks/teacher_cache.py --device cpu --threads 1 --width-mult 0.25 --n 2048 --epochs 4
+Quick CPU run (~3 minutes on 2 cores; 30 epochs x 3 students = 90 draws per image):
+    python benchmarks/teacher_cache.py --device cpu --threads 2 --width-mult 0.25 --n 512 \
+        --n-test 128 --epochs 30
 GPU:
     python benchmarks/teacher_cache.py --device cuda --n 50000 --epochs 3 --students 3
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 
@@ -40,42 +41,38 @@ class NoProgress:
         pass
 
 
-def weights_hash(module) -> str:
-    h = hashlib.sha256()
-    for t in module.state_dict().values():
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def train_students(args, device, train, test, teacher, use_cache: bool) -> list[dict]:
+def train_students(args, device, train, test, teacher) -> list[tuple[dict, dict]]:
+    """Each student with the live teacher, then with the shared cache (alternating, so that
+    drifting machine load hits both alike): [(live, cached)] per student."""
     from kdbench.engine.loop import autocast, fit
-    from kdbench.engine.runner import cast_teacher_once, data_generator
+    from kdbench.engine.runner import cast_teacher_once, data_generator, weights_sha256
     from kdbench.engine.teacher_cache import TeacherLogitCache
 
-    t_name, s_name = C.pair_models(args.pair)
-    cache = (TeacherLogitCache(teacher, train, args.batch_size, lambda: autocast(device, args.precision))
-             if use_cache else None)
+    _, s_name = C.pair_models(args.pair)
+    cast_teacher_once(teacher, train, device, args.precision)  # as the runner does
+    cache = TeacherLogitCache(teacher, train, args.batch_size, lambda: autocast(device, args.precision))
     out = []
     for seed in range(args.students):
-        torch.manual_seed(seed)
-        student = C.build_net(s_name, args.width_mult, 100, device)
-        task = C.kd_task(teacher, student, train, device)
-        cast_teacher_once(teacher, train, device, args.precision)  # as the runner does
-        before = cache.stats() if cache else None
-        if cache is not None:
-            task.use_logit_cache(cache)
-        C.sync(device)
-        t0 = time.perf_counter()
-        fit(task, C.schedule(args.batch_size, epochs=args.epochs), train, test, device,
-            args.precision, data_generator(seed, device), NoProgress(), args.eval_batch_size)
-        C.sync(device)
-        row = {"seconds": time.perf_counter() - t0, "weights": weights_hash(student)}
-        if cache is not None:
+        pair = []
+        for use_cache in (False, True):
+            torch.manual_seed(seed)
+            student = C.build_net(s_name, args.width_mult, 100, device)
+            task = C.kd_task(teacher, student, train, device)
+            before = cache.stats()
+            if use_cache:
+                task.use_logit_cache(cache)
+            C.sync(device)
+            t0 = time.perf_counter()
+            fit(task, C.schedule(args.batch_size, epochs=args.epochs), train, test, device,
+                args.precision, data_generator(seed, device), NoProgress(), args.eval_batch_size)
+            C.sync(device)
             after = cache.stats()
-            row["computed"] = after["entries_computed"] - before["entries_computed"]
-            row["served"] = after["entries_served"] - before["entries_served"]
-        C.log(f"{'cache' if use_cache else 'live '} student {seed}: {row['seconds']:.2f} s")
-        out.append(row)
+            pair.append({"seconds": time.perf_counter() - t0,
+                         "weights": weights_sha256(student.state_dict()),
+                         "computed": after["entries_computed"] - before["entries_computed"],
+                         "served": after["entries_served"] - before["entries_served"]})
+            C.log(f"student {seed} {'cache' if use_cache else 'live '}: {pair[-1]['seconds']:.2f} s")
+        out.append(tuple(pair))
     return out
 
 
@@ -136,26 +133,24 @@ def main(argv=None) -> int:
     # Warm-up (untimed): one short student each way, so neither side pays first-call costs.
     warm = argparse.Namespace(**{**vars(args), "students": 1, "epochs": 1})
     small = DeviceData(C.image_data(*C.synthetic_images(4 * args.batch_size, seed=2)), device)
-    train_students(warm, device, small, test, teacher, use_cache=False)
-    train_students(warm, device, small, test, teacher, use_cache=True)
-
-    live = train_students(args, device, train, test, teacher, use_cache=False)
-    cached = train_students(args, device, train, test, teacher, use_cache=True)
+    train_students(warm, device, small, test, teacher)
+    results = train_students(args, device, train, test, teacher)
 
     print(f"\n*{args.students} KD students of one frozen {t_name} teacher ({args.pair}, width "
           f"x{args.width_mult}, precision {args.precision}), {args.epochs} epochs of {args.n} "
           f"random 3x32x32 images, batch {args.batch_size}; live teacher, then one logit cache "
-          f"shared by the students in turn. {C.device_label(device)}; {C.machine()}.*\n")
+          f"shared by the students in turn (each student live, then cached). {C.device_label(device)}; {C.machine()}.*\n")
     rows = []
-    for i, (a, b) in enumerate(zip(live, cached)):
+    for i, (a, b) in enumerate(results):
         rows.append([f"student {i}", f"{a['seconds']:.2f}", f"{b['seconds']:.2f}",
                      f"{b['computed']:,} / {b['served']:,}", f"{a['seconds'] / b['seconds']:.2f}x",
                      "yes" if a["weights"] == b["weights"] else "no"])
+    live, cached = [a for a, _ in results], [b for _, b in results]
     total_live, total_cache = sum(r["seconds"] for r in live), sum(r["seconds"] for r in cached)
     computed, served = sum(r["computed"] for r in cached), sum(r["served"] for r in cached)
     rows.append(["all", f"{total_live:.2f}", f"{total_cache:.2f}", f"{computed:,} / {served:,}",
                  f"**{total_live / total_cache:.2f}x**",
-                 "yes" if all(a["weights"] == b["weights"] for a, b in zip(live, cached)) else "no"])
+                 "yes" if all(a["weights"] == b["weights"] for a, b in results) else "no"])
     print(C.md_table(["run", "live s", "cache s", "teacher forwards (computed / served)",
                       "live / cache", "bit-identical weights"], rows, right={1, 2, 3, 4}))
     print()

@@ -92,11 +92,11 @@ def _records(runs: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("record.json")}
 
 
-def _write(folder: Path) -> Path:
+def _write(folder: Path, top_level: str = "") -> Path:
     folder.mkdir()
     path = folder / "tiny.toml"
-    path.write_text(TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0],
-                                       extra=""))
+    text = TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0], extra="")
+    path.write_text(text.replace("seeds = [0]\n", f"seeds = [0]\n{top_level}\n"))
     return path
 
 
@@ -109,7 +109,8 @@ LOSS_RTOL = 0.03
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 def test_torchrun_two_ranks_matches_single_process(tmp_path):
     single = _write(tmp_path / "single")
-    ddp = _write(tmp_path / "ddp")
+    # Under DDP the KD student's teacher logits come from the cache, which every rank fills alike.
+    ddp = _write(tmp_path / "ddp", top_level="teacher_logit_cache = true")
     run = [sys.executable, "-m", "kdbench", "run"]
     proc = subprocess.run(run + [str(single), "--plain"], env=_env(), capture_output=True,
                           text=True, timeout=600)
@@ -127,5 +128,7 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
         for e, ref in zip(rec["epochs"], expected[run_id]["epochs"]):
             assert e["train_loss"] == pytest.approx(ref["train_loss"], rel=LOSS_RTOL), run_id
         assert not list(Path(rec_dir := (tmp_path / "ddp" / "runs")).rglob("ckpt-*.pt")), rec_dir
+    kd = [r for r in got.values() if r["meta"].get("method_set") == "KD"]
+    assert len(kd) == 1 and kd[0]["teacher_logit_cache"]["used"]
     # Only rank 0 trained and wrote: one "done" line per run.
     assert proc.stderr.count("): done top1=") == 3, proc.stderr
