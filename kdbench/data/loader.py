@@ -97,8 +97,9 @@ class DeviceData:
         if plan is not None and views:
             raise ValueError("an epoch with extra views cannot be planned ahead")
         draws = iter(plan.batches) if plan is not None else self._draws(batch_size, generator)
+        # Unplanned, a batch's crop and flip are drawn (by ``draws``) before its extra views.
         for step, (index, offsets, flips) in enumerate(draws, start=first_step):
-            raw = self.images[index]  # drawn before the extra views below: the stream's order
+            raw = self.images[index]
             yield Batch(
                 x=self.normalize(crop_flip(raw, offsets, flips)),
                 y=self.labels[index],
