@@ -172,3 +172,25 @@ def test_teacher_cast_is_undone_when_outputs_would_change():
     original = teacher.fc.weight.detach().clone()
     assert not cast_teacher_once(teacher, data, CPU, "bf16")
     assert teacher.fc.weight.dtype == torch.float32 and torch.equal(teacher.fc.weight, original)
+
+
+def test_a_cached_student_interrupted_and_resumed_equals_an_uninterrupted_live_one(tmp_path, monkeypatch, capsys):
+    """SIGTERM mid-epoch 2 (teacher, then student), rerun until done: the resumed student,
+    whose cache starts empty again, is bit-identical to a live student never interrupted."""
+    from test_resume import RECIPE, _interrupt_and_resume
+
+    kd = RECIPE.replace('{{ name = "crd", nce_k = 8, feat_dim = 16 }}', '{{ name = "kd", weight = 0.9 }}')
+    assert kd != RECIPE
+    live = tmp_path / "live.toml"
+    live.write_text(kd.format(output=(tmp_path / "live").as_posix()))
+    assert main(["run", str(live), "--plain"]) == 0
+    cached = tmp_path / "cached.toml"
+    cached.write_text(kd.format(output=(tmp_path / "cached").as_posix())
+                      .replace("seeds = [0]", "seeds = [0]\nteacher_logit_cache = true"))
+    _interrupt_and_resume(cached, monkeypatch, capsys)
+    a, b = _records(tmp_path / "live"), _records(tmp_path / "cached")
+    assert a.keys() == b.keys() and len(a) == 1
+    (run_id, rec), = b.items()
+    assert rec["trained_by"]["resumed_from"] == {"epochs_done": 1, "batches_done": 2, "step": 5}
+    assert rec["teacher_logit_cache"]["used"]
+    assert rec["weights_sha256"] == a[run_id]["weights_sha256"] and rec["epochs"] == a[run_id]["epochs"]
