@@ -44,13 +44,15 @@ class NoProgress:
 def train_students(args, device, train, test, teacher) -> list[tuple[dict, dict]]:
     """Each student with the live teacher, then with the shared cache (alternating, so that
     drifting machine load hits both alike): [(live, cached)] per student."""
-    from kdbench.engine.loop import autocast, fit
+    from kdbench.engine.loop import autocast, autocast_dtype, fit
     from kdbench.engine.runner import cast_teacher_once, data_generator, weights_sha256
     from kdbench.engine.teacher_cache import TeacherLogitCache
 
     _, s_name = C.pair_models(args.pair)
     cast_teacher_once(teacher, train, device, args.precision)  # as the runner does
-    cache = TeacherLogitCache(teacher, train, args.batch_size, lambda: autocast(device, args.precision))
+    dtype = autocast_dtype(device, args.precision) or torch.float32
+    cache = TeacherLogitCache(train, 100, dtype, args.batch_size, lambda: autocast(device, args.precision))
+    cache.teacher = teacher
     out = []
     for seed in range(args.students):
         pair = []

@@ -104,7 +104,8 @@ class Batch:
     plugin asked for by name (e.g. ``"second"`` for a second crop+flip view, ``"strong"`` for
     RandAugment + Cutout), normalised the same way. ``index`` are the dataset indices of the
     samples (CRD's memory banks use them); ``view_code`` numbers the crop offset and flip of
-    ``x`` (see :func:`kdbench.data.augment.crop_flip_code`).
+    ``x`` (see :func:`kdbench.data.augment.crop_flip_code`) in epochs planned ahead (teacher
+    logit cache), else None.
     """
 
     x: Tensor
@@ -123,6 +124,8 @@ class MethodSetup:
 
     ``student_out``/``teacher_out`` come from a dummy forward (batch of 2, eval mode) so modules
     can be sized from the real shapes. ``teacher`` is frozen: never give it to an optimizer.
+    Under bf16 autocast its ``nn.Conv2d``/``nn.Linear`` weights become bf16 after set-up
+    (:func:`kdbench.engine.runner.cast_teacher_once`): run it under autocast, as the step does.
     """
 
     student: KDModel

@@ -92,10 +92,21 @@ def _records(runs: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("record.json")}
 
 
+# A method set that runs the teacher live (it needs the strong view) next to KD (cached under
+# DDP). (Feature methods such as FitNet amplify the CPU's per-rank BatchNorm noise beyond
+# LOSS_RTOL: FitNet's first-epoch loss differed by 6.5%.)
+LIVE_SET = """
+[[method_sets]]
+label = "MLLD"
+ref_method = "MLLD"
+methods = [{ name = "ce", weight = 0.1 }, { name = "mlld" }]
+"""
+
+
 def _write(folder: Path, top_level: str = "") -> Path:
     folder.mkdir()
     path = folder / "tiny.toml"
-    text = TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0], extra="")
+    text = TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0], extra=LIVE_SET)
     path.write_text(text.replace("seeds = [0]\n", f"seeds = [0]\n{top_level}\n"))
     return path
 
@@ -120,7 +131,7 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
     proc = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     expected, got = _records(tmp_path / "single" / "runs"), _records(tmp_path / "ddp" / "runs")
-    assert got.keys() == expected.keys() and len(got) == 3
+    assert got.keys() == expected.keys() and len(got) == 4
     for run_id, rec in got.items():
         assert rec["status"] == "done"
         assert rec["trained_by"]["world_size"] == 2
@@ -128,7 +139,8 @@ def test_torchrun_two_ranks_matches_single_process(tmp_path):
         for e, ref in zip(rec["epochs"], expected[run_id]["epochs"]):
             assert e["train_loss"] == pytest.approx(ref["train_loss"], rel=LOSS_RTOL), run_id
         assert not list(Path(rec_dir := (tmp_path / "ddp" / "runs")).rglob("ckpt-*.pt")), rec_dir
-    kd = [r for r in got.values() if r["meta"].get("method_set") == "KD"]
-    assert len(kd) == 1 and kd[0]["teacher_logit_cache"]["used"]
+    by_set = {r["meta"].get("method_set"): r for r in got.values()}
+    assert by_set["KD"]["teacher_logit_cache"]["used"]
+    assert not by_set["MLLD"]["teacher_logit_cache"]["used"]
     # Only rank 0 trained and wrote: one "done" line per run.
-    assert proc.stderr.count("): done top1=") == 3, proc.stderr
+    assert proc.stderr.count("): done top1=") == 4, proc.stderr

@@ -50,9 +50,10 @@ def test_a_planned_epoch_is_the_unplanned_epoch():
     assert len(live) == len(planned) == 3
     for a, b in zip(live, planned):
         assert torch.equal(a.x, b.x) and torch.equal(a.index, b.index)
-        assert torch.equal(a.view_code, b.view_code)
+        assert a.view_code is None  # only planned epochs number their views
     assert torch.equal(g1.get_state(), g2.get_state())
     assert torch.equal(plan.index, torch.cat([b.index for b in live]))
+    assert torch.equal(plan.view_code, torch.cat([b.view_code for b in planned]))
     with pytest.raises(ValueError, match="extra views"):
         next(data.train_batches(16, g2, views=("second",), plan=plan))
 
@@ -60,7 +61,8 @@ def test_a_planned_epoch_is_the_unplanned_epoch():
 def test_cached_logits_are_the_eval_teachers_logits_and_computed_once(registry):
     data = _data()
     teacher = build_model(registry, {"name": "wrn_16_2", "params": {"width_mult": 0.25}}, 4).eval()
-    cache = TeacherLogitCache(teacher, data, chunk_size=16, amp=lambda: torch.autocast("cpu", enabled=False))
+    cache = TeacherLogitCache(data, 4, torch.float32, chunk_size=16, amp=lambda: torch.autocast("cpu", enabled=False))
+    cache.teacher = teacher
     g = torch.Generator().manual_seed(1)
     plan = data.epoch_plan(16, g)
     cache.fill(plan)
@@ -71,6 +73,35 @@ def test_cached_logits_are_the_eval_teachers_logits_and_computed_once(registry):
             assert torch.equal(cache.logits(batch.index, batch.view_code), live)  # bit for bit
     cache.fill(plan)  # the same views again: nothing to compute
     assert cache.stats() == {"entries_computed": 44, "entries_served": 88, "teacher_forwards_saved": 0.5}
+
+
+def test_a_cached_step_reads_the_table_and_never_runs_the_teacher(registry):
+    """The step's teacher logits are the table's rows (zeroed here), with no teacher forward."""
+    from kdbench_plugins.students.kd import kd_loss
+
+    data = _data()
+    net = lambda: build_model(registry, {"name": "wrn_16_2", "params": {"width_mult": 0.25}}, 4)  # noqa: E731
+    teacher, student = net().eval().requires_grad_(False), net()
+    plugin = registry.find("student_method", "kd")
+    kd = plugin.factory(plugin.params.model_validate({}), None)
+    task = StudentTask(student, teacher, [("kd", 1.0, kd)])
+    cache = TeacherLogitCache(data, 4, torch.float32, chunk_size=16, amp=lambda: torch.autocast("cpu", enabled=False))
+    cache.teacher = teacher
+    task.use_logit_cache(cache)
+    g = torch.Generator().manual_seed(3)
+    plan = data.epoch_plan(16, g)
+    task.start_epoch(plan)
+    batch = next(data.train_batches(16, g, plan=plan))
+    live_terms, _ = StudentTask(student, teacher, [("kd", 1.0, kd)]).loss_terms(batch)
+    cached_terms, _ = task.loss_terms(batch)
+    assert torch.equal(cached_terms["kd"], live_terms["kd"])
+    cache.table.zero_()
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    terms, logits = task.loss_terms(batch)
+    assert calls == []
+    assert torch.equal(terms["kd"], kd_loss(logits, torch.zeros_like(logits), 4.0))
+    assert not torch.equal(terms["kd"], live_terms["kd"])
 
 
 class _Method(nn.Module):
@@ -134,6 +165,48 @@ def test_kd_students_trained_with_the_cache_are_bit_identical(tiny_recipe, tmp_p
     fitnet = next(r for r in with_cache.values() if r["meta"]["method_set"] == "FitNet")
     assert fitnet["teacher_logit_cache"] == {"used": False, "why_not": "fitnet read(s) more than the teacher's logits"}
     assert "teacher_logit_cache" not in next(r for r in with_cache.values() if r["meta"]["method_set"] == "Student")
+
+
+TWO_KD_SETS = """
+[[method_sets]]
+label = "KD T=2"
+ref_method = "KD"
+methods = [{ name = "ce", weight = 0.1 }, { name = "kd", weight = 0.9, temperature = 2 }]
+"""
+
+
+def test_students_of_a_teacher_run_back_to_back_and_share_its_table(tiny_recipe, tmp_path, monkeypatch):
+    """Two seeds (a teacher each) x two KD sets: the grid's order alternates teachers; with the
+    cache each teacher's two students run one after the other, the second reusing the table."""
+    recipe = tiny_recipe(seeds=(0, 1), extra=TWO_KD_SETS)
+    recipe.write_text(recipe.read_text().replace("seeds = [0, 1]", "seeds = [0, 1]\nteacher_logit_cache = true"))
+    from kdbench.engine import runner
+
+    order = []
+    real = runner.GridRunner._train_student
+    monkeypatch.setattr(runner.GridRunner, "_train_student",
+                        lambda self, spec, ckpt: order.append(spec.teacher and spec.teacher.id) or real(self, spec, ckpt))
+    assert main(["run", str(recipe), "--plain"]) == 0
+    recs = [r for r in _records(tmp_path / "runs").values() if r["meta"]["method_set"] != "Student"]
+    assert len(recs) == 4 and len(set(order) - {None}) == 2
+    kd_order = [t for t in order if t is not None]
+    assert kd_order[0] == kd_order[1] and kd_order[2] == kd_order[3] != kd_order[0]
+    assert sorted(r["teacher_logit_cache"]["shared_with_earlier_student"] for r in recs) == [False, False, True, True]
+    assert all(r["teacher_cast_once"] is False for r in recs)  # fp32 on the CPU: nothing to cast
+
+
+def test_a_table_that_does_not_fit_leaves_the_teacher_live(tiny_recipe, tmp_path, monkeypatch):
+    from kdbench.engine import runner
+
+    def no_room(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+    monkeypatch.setattr(runner, "TeacherLogitCache", no_room)
+    recipe = tiny_recipe()
+    recipe.write_text(recipe.read_text().replace("seeds = [0]", "seeds = [0]\nteacher_logit_cache = true"))
+    assert main(["run", str(recipe), "--plain"]) == 0
+    kd = next(r for r in _records(tmp_path / "runs").values() if r["meta"]["method_set"] == "KD")
+    assert kd["status"] == "done" and not kd["teacher_logit_cache"]["used"]
+    assert kd["teacher_logit_cache"]["why_not"].startswith("no room on cpu for the table")
 
 
 @pytest.mark.parametrize("name", ["wrn_16_2", "resnet34", "vgg8", "mobilenetv2", "shufflenetv2"])

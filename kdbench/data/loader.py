@@ -108,7 +108,7 @@ class DeviceData:
                 epoch=epoch,
                 epochs=epochs,
                 step=step,
-                view_code=crop_flip_code(offsets, flips),
+                view_code=crop_flip_code(offsets, flips) if plan is not None else None,
             )
 
     def num_batches(self, batch_size: int) -> int:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from kdbench.api import MethodSetup, ModelOutput, ObjectiveSetup, UserError
+from kdbench.data.augment import num_crop_flip_codes
 from kdbench.data.loader import DeviceData, subset_per_class
 from kdbench.diagnostics import teacher_diagnostics
 from kdbench.engine.checkpoint import Checkpointer
@@ -132,7 +133,7 @@ def cast_teacher_once(teacher: nn.Module, data: DeviceData, device: torch.device
     teacher.eval()
     x = data.normalize(data.images[:2])
     flat = lambda out: [out.logits, *out.feats, *out.preact_feats, out.pooled]  # noqa: E731
-    original = {id(p): p.data for m in layers for p in m.parameters()}
+    original = [(m, name, p.data) for m in layers for name, p in m.named_parameters(recurse=False)]
     with torch.no_grad(), autocast(device, precision):
         before = flat(teacher(x))
         for m in layers:
@@ -143,9 +144,8 @@ def cast_teacher_once(teacher: nn.Module, data: DeviceData, device: torch.device
         except Exception:
             same = False
     if not same:
-        for m in layers:
-            for p in m.parameters():
-                p.data = original[id(p)]
+        for m, name, data in original:
+            getattr(m, name).data = data
     teacher.train(was_training)
     return same
 
@@ -416,7 +416,8 @@ class GridRunner:
         todo_students = [s for s, done in plan["students"] if not done]
         if self.recipe.teacher_logit_cache:  # students of a teacher back to back share its cache
             first: dict[str, int] = {}
-            todo_students.sort(key=lambda s: first.setdefault(s.teacher.id if s.teacher else "", len(first)))
+            todo_students.sort(key=lambda s: (first.setdefault(s.teacher.id if s.teacher else "", len(first)),
+                                              s.spec["schedule"]["batch_size"]))
         summary.skipped += [s.id for s, done in plan["students"] if done]
         todo = plan["teachers_needed"] + todo_students
         if self.only is not None:
@@ -674,14 +675,22 @@ class GridRunner:
         teacher = self.load_teacher(spec.teacher) if spec.teacher else None
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
         task = self.student_task(spec, teacher)
-        if teacher is not None:  # after student_task: the methods' sizing forward ran in fp32
-            cast_teacher_once(teacher, self.data()[0], self.device, self.recipe.precision)
+        # After student_task (the methods' sizing forward ran in fp32). Not with compile: the
+        # check's extra graphs would use up dynamo's recompile budget of the shared forward.
+        cast = (teacher is not None and not self.recipe.compile
+                and cast_teacher_once(teacher, self.data()[0], self.device, self.recipe.precision))
         cache_report = self._attach_logit_cache(spec, task)
         student = task.student
-        result = self._fit(task, spec, checkpointer)
+        try:
+            result = self._fit(task, spec, checkpointer)
+        finally:
+            if self._logit_cache is not None:
+                self._logit_cache[1].teacher = None  # the table stays; this teacher can go
         record = self._base_record(spec, "done")
         record.update(epochs=result.epochs, final=result.final, best=result.best,
                       weights_sha256=weights_sha256(student.state_dict()))
+        if teacher is not None:
+            record["teacher_cast_once"] = bool(cast)
         if cache_report is not None:
             record["teacher_logit_cache"] = cache_report()
         if spec.teacher is not None:
@@ -691,21 +700,31 @@ class GridRunner:
 
     def _attach_logit_cache(self, spec: RunSpec, task: StudentTask):
         """Give ``task`` the teacher logit cache if the recipe asks for it and the method set
-        allows it; one cache is kept, for the teacher (and batch size) of the current student.
-        Returns a callable giving the record's ``teacher_logit_cache`` entry, or None."""
+        allows it. One table is kept: that of the current student's teacher (and batch size);
+        a student of another teacher frees it. Returns a callable giving the record's
+        ``teacher_logit_cache`` entry, or None."""
         if not self.recipe.teacher_logit_cache or spec.teacher is None:
             return None
-        blocker = task.logit_cache_blocker()
-        if blocker is not None:
-            return lambda: {"used": False, "why_not": blocker}
         batch_size = spec.spec["schedule"]["batch_size"]
         key = (spec.teacher.id, batch_size)  # chunks have the step's batch shape
         shared = self._logit_cache is not None and self._logit_cache[0] == key
         if not shared:
             self._logit_cache = None  # free the previous teacher's table first
-            self._logit_cache = (key, TeacherLogitCache(
-                task.teacher, self.data()[0], batch_size,
-                lambda: autocast(self.device, self.recipe.precision)))
+        blocker = task.logit_cache_blocker()
+        if blocker is None and not shared:
+            train, _ = self.data()
+            dtype = autocast_dtype(self.device, self.recipe.precision) or torch.float32
+            try:
+                cache = TeacherLogitCache(train, train.num_classes, dtype, batch_size,
+                                          lambda: autocast(self.device, self.recipe.precision))
+                self._logit_cache = (key, cache)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:  # the CPU's is a RuntimeError
+                if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc):
+                    raise
+                size = num_crop_flip_codes() * len(train) * train.num_classes * dtype.itemsize
+                blocker = f"no room on {self.device} for the table ({size / 2**30:.1f} GiB)"
+        if blocker is not None:
+            return lambda: {"used": False, "why_not": blocker}
         cache = self._logit_cache[1]
         cache.teacher = task.teacher  # the same weights, loaded for this student
         before = cache.stats()
@@ -715,7 +734,7 @@ class GridRunner:
             after = cache.stats()
             computed = after["entries_computed"] - before["entries_computed"]
             served = after["entries_served"] - before["entries_served"]
-            return {"used": True, "shared_with_earlier_student": shared,
+            return {"used": True, "shared_with_earlier_student": shared, "table_bytes": cache.nbytes,
                     "entries_computed": computed, "entries_served": served,
                     "teacher_forwards_saved": round(1 - computed / served, 6) if served else 0.0}
         return report

@@ -1,4 +1,5 @@
-"""An exact cache of a frozen teacher's logits under the standard crop+flip augmentation.
+"""A cache of a frozen teacher's logits under the standard crop+flip augmentation (exact up to
+the rounding of the batch shape: see Exactness below).
 
 With ``RandomCrop(padding=4)`` + ``RandomHorizontalFlip`` every training image has only
 (2·4 + 1)² · 2 = 162 distinct views, and an eval-mode teacher's logits for a view never change.
@@ -10,17 +11,22 @@ The table is filled lazily, once per epoch, from the epoch's planned draws (:cla
 the views drawn that are not in the table yet are computed in one pass, in chunks of the run's
 batch size (the last chunk padded to it), under the run's autocast precision, then every step
 of the epoch only gathers rows. So the step has no host sync, the teacher runs at most once per
-(view, image) in a process, and students of the same teacher (the runner keeps one table per
-teacher while it trains that teacher's students) share the work.
+(view, image) while the table lives, and students of the same teacher and batch size share it
+(the runner trains them back to back and keeps the table between them).
 
 Exactness: an eval-mode network computes each sample independently of the others, so an entry
-equals what the step would have computed for that sample up to the floating-point order of the
-convolution algorithm, which can depend on the batch shape. Chunks have the step's batch shape
-for that reason: on the CPU every zoo model gives bit-identical logits whatever the chunk's
-other samples (tests/test_teacher_cache.py trains a KD student with and without the cache and
-gets bit-identical weights). The live teacher itself computes a view drawn in an epoch's short
-last batch in another shape than the same view drawn in a full batch; the cache computes every
-view in the full shape.
+is what the step would have computed for that sample, up to the floating-point order of the
+convolution algorithm, which may depend on the batch *shape* (never, on the CPU, on the other
+samples). Chunks have the step's batch shape for that reason. On the CPU in fp32, WRN, ResNet34,
+VGG and ShuffleNetV2 give bit-identical logits at any batch size, so their KD students are
+bit-identical with and without the cache (tests/test_teacher_cache.py); ResNet50 and
+MobileNetV2 differ in the last bits between batch sizes, which reaches a student only through
+views drawn in an epoch's short last batch (the live teacher, too, computes one view at
+different shapes in different epochs). On CUDA (bf16, cuDNN autotuning) it is unmeasured.
+
+Memory: views × N × classes values in the teacher's output dtype (CIFAR-100 in bf16: 1.6 GB;
+Tiny ImageNet: 6.5 GB), allocated up front so that a device too small for it is found before
+training (the runner then runs the teacher live).
 """
 from __future__ import annotations
 
@@ -32,17 +38,21 @@ from kdbench.data.loader import DeviceData, EpochPlan
 
 
 class TeacherLogitCache:
-    def __init__(self, teacher: nn.Module, data: DeviceData, chunk_size: int, amp):
-        """``amp``: a callable returning the run's autocast context (the step's precision)."""
-        self.teacher, self.data, self.chunk_size, self.amp = teacher, data, chunk_size, amp
-        self.filled = torch.zeros(num_crop_flip_codes(), len(data), dtype=torch.bool, device=data.device)
-        self.table: Tensor | None = None  # (views, N, classes), allocated at the first fill
+    def __init__(self, data: DeviceData, num_classes: int, dtype: torch.dtype, chunk_size: int, amp):
+        """``amp``: a callable returning the run's autocast context (the step's precision);
+        ``dtype``: that of the teacher's logits under it. Raises torch.OutOfMemoryError if the
+        table does not fit."""
+        self.data, self.chunk_size, self.amp = data, chunk_size, amp
+        self.teacher: nn.Module | None = None  # the frozen teacher of the student being trained
+        views = num_crop_flip_codes()
+        self.filled = torch.zeros(views, len(data), dtype=torch.bool, device=data.device)
+        self.table = torch.empty((views, len(data), num_classes), dtype=dtype, device=data.device)
         self.computed = 0  # entries the teacher computed (for the record)
         self.served = 0  # entries looked up by steps
 
     @property
     def nbytes(self) -> int:
-        return self.filled.numel() + (self.table.numel() * self.table.element_size() if self.table is not None else 0)
+        return self.filled.numel() + self.table.numel() * self.table.element_size()
 
     def fill(self, plan: EpochPlan) -> None:
         """Compute the entries of ``plan``'s views that are not cached yet (one host sync)."""
@@ -59,11 +69,14 @@ class TeacherLogitCache:
                 pad = torch.arange(self.chunk_size - k, device=idx.device) % k
                 idx, cc = torch.cat([idx, idx[pad]]), torch.cat([cc, cc[pad]])
             x = self.data.normalize(crop_flip(self.data.images[idx], *crop_flip_decode(cc)))
-            with torch.inference_mode(), self.amp():
+            # no_grad as the live step (not inference_mode): a compiled teacher reuses its graph
+            with torch.no_grad(), self.amp():
                 logits = self.teacher(x).logits
-            if self.table is None:
-                self.table = torch.empty((self.filled.shape[0], len(self.data), logits.shape[1]),
-                                         dtype=logits.dtype, device=logits.device)
+            if logits.dtype != self.table.dtype:  # a model whose logits leave autocast's dtype
+                if self.computed > index.numel():
+                    raise RuntimeError(f"teacher logits are {logits.dtype}, the cache's table "
+                                       f"{self.table.dtype}")
+                self.table = torch.empty_like(self.table, dtype=logits.dtype)  # nothing cached yet
             self.table[cc[:k], idx[:k]] = logits[:k]
         self.filled[code, index] = True
 

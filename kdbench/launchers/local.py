@@ -35,7 +35,8 @@ from kdbench.store import RunStore
 
 POLL_S = 1.0
 FINAL = ("done", "diverged", "failed")
-# Test-only: "<i>:<step>" makes worker i SIGKILL itself after step <step> of its first fresh run.
+# Test-only: "<i>:<step>" makes worker i SIGKILL itself after step <step> of its first fresh run;
+# the other workers start once it has begun (its log is written to), so that it gets a run.
 KILL_WORKER_ENV = "KDBENCH_TEST_KILL_WORKER"
 
 
@@ -100,6 +101,7 @@ def start_workers(recipe: Path, devices: list[str], passthrough: list[str], log_
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ncpu))  # share the cores
         log = log_dir / f"worker-{i}.log"
+        size = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as out:
             # A session of its own: a Ctrl-C on the terminal reaches only the parent, which
             # passes it on once (a second signal would make a worker stop without its checkpoint).
@@ -107,6 +109,10 @@ def start_workers(recipe: Path, devices: list[str], passthrough: list[str], log_
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         workers.append(Worker(i, device, proc, log))
+        if kill.partition(":")[0] == str(i):  # test hook: it must get a run before the others start
+            deadline = time.monotonic() + 120
+            while log.stat().st_size == size and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
     return workers
 
 
