@@ -157,6 +157,16 @@ def kd_task(teacher, student, train, device):
     return StudentTask(student, teacher, student_methods(student, teacher, train, device))
 
 
+class NoProgress:
+    """The progress interface ``loop.fit`` reports to, silent."""
+
+    def batch(self):
+        pass
+
+    def epoch_done(self, epoch, metrics):
+        pass
+
+
 def schedule(batch_size: int, epochs: int = 1, lr: float = 0.05):
     from kdbench.recipe import Schedule
 

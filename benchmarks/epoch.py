@@ -48,14 +48,6 @@ import torch
 TABLE1_PAIRS = ("resnet50->resnet34", "wrn_40_2->wrn_16_2", "vgg13->vgg8")
 
 
-class NoProgress:
-    def batch(self):
-        pass
-
-    def epoch_done(self, epoch, metrics):
-        pass
-
-
 class TimedTask:
     """Delegates to the engine's StudentTask; ``fit`` calls ``eval_model()`` right after it read
     the epoch's metrics back (i.e. after every training step finished), so that is the end of the
@@ -106,7 +98,7 @@ def teacher_forward_flops(teacher, x) -> int:
 
 def warm_up(task, train, test, device, bs, precision, steps, eval_bs):
     """Untimed steps (own optimizer) at the epoch's batch sizes, and eval forwards."""
-    from kdbench.engine.loop import autocast, make_optimizer
+    from kdbench.engine.loop import autocast, make_optimizer, train_step
     from kdbench.engine.runner import data_generator
 
     params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
@@ -117,13 +109,7 @@ def warm_up(task, train, test, device, bs, precision, steps, eval_bs):
     if tail >= 2:
         sizes.append(tail)
     for size in sizes:
-        batch = next(train.train_batches(size, gen, task.views))
-        with autocast(device, precision):
-            terms, _ = task.loss_terms(batch)
-            loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(task, next(train.train_batches(size, gen, task.views)), opt, device, precision)
     model = task.eval_model()
     model.eval()
     with torch.no_grad(), autocast(device, precision):
@@ -163,7 +149,7 @@ def run_pair(device_name, pair, train_data, test_data, args) -> dict:
     C.sync(device)
     t0 = time.perf_counter()
     result = fit(timed, C.schedule(bs), train, test, device, args.precision,
-                 data_generator(0, device), NoProgress(), args.eval_batch_size)
+                 data_generator(0, device), C.NoProgress(), args.eval_batch_size)
     t_end = time.perf_counter()
     train_s, eval_s = timed.train_end - t0, t_end - timed.train_end
     rec = result.epochs[0]

@@ -3,7 +3,7 @@
 For each device and teacher -> student pair, a fresh Python process builds the data and the
 teacher once, then, for every method, the student and the method set ``ce + <method>`` exactly
 as ``GridRunner._train_student`` does (real registry, ``build_model``, ``dummy_forward``,
-``MethodSetup``, ``StudentTask``, ``make_optimizer``, ``autocast``; each method gets its own copy
+``MethodSetup``, ``StudentTask``, ``make_optimizer``, ``train_step``; each method gets its own copy
 of the frozen teacher and its own student, optimizer and batch stream, identical across
 methods). Plain KD (``ce + kd``) is always measured in the same process and is the 1.00 of the
 ratios; ``ce`` (the student alone, no teacher forward) is listed for reference.
@@ -81,7 +81,7 @@ def run_child(cfg: dict) -> dict:
 
     from kdbench.api import ImageData, MethodSetup
     from kdbench.data.loader import DeviceData
-    from kdbench.engine.loop import autocast, make_optimizer
+    from kdbench.engine.loop import make_optimizer, train_step
     from kdbench.engine.runner import (StudentTask, build_model, data_generator, dummy_forward,
                                        seed_everything)
     from kdbench.recipe import Schedule
@@ -142,13 +142,7 @@ def run_child(cfg: dict) -> dict:
 
     def step(task, optimizer, it):
         """One step as kdbench.engine.loop.fit runs it, batch drawing included."""
-        batch = next(it)
-        with autocast(device, cfg["precision"]):
-            terms, _ = task.loss_terms(batch)
-            loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, terms, _ = train_step(task, next(it), optimizer, device, cfg["precision"])
         return loss.detach(), terms
 
     results, live = {}, {}

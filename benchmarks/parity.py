@@ -167,13 +167,7 @@ def run_student(pair, name, batch, device, dtype, ref_state, negatives):
     if negatives is not None:  # CRD: the same random negatives on every device
         neg = negatives.to(device)
         method.sample_negatives = lambda idx, generator=None: neg
-    task = StudentTask(student, teacher, [(name, 1.0, method)])
-    for m in task.modules():
-        m.train()
-    terms, _ = task.loss_terms(batch_to(batch, device, dtype))
-    sum(terms.values()).backward()
-    return ({k: float(v.detach().double().cpu()) for k, v in terms.items()},
-            flat_grad(task.modules()))
+    return terms_and_gradient(StudentTask(student, teacher, [(name, 1.0, method)]), batch, device, dtype)
 
 
 def run_teacher(pair, name, params, batch, device, dtype, ref_state):
@@ -187,7 +181,11 @@ def run_teacher(pair, name, params, batch, device, dtype, ref_state):
                                pair.objective_setup(teacher, device, dtype))
     objective.load_state_dict(ref_state)
     objective = objective.to(device, dtype)
-    task = TeacherTask(teacher, objective)
+    return terms_and_gradient(TeacherTask(teacher, objective), batch, device, dtype)
+
+
+def terms_and_gradient(task, batch, device, dtype):
+    """The task's loss terms on ``batch`` (train mode) and the gradient of their sum."""
     for m in task.modules():
         m.train()
     terms, _ = task.loss_terms(batch_to(batch, device, dtype))

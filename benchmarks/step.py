@@ -55,14 +55,14 @@ def forever(make_iter):
 
 
 class KdbenchLoop:
-    """The body of ``loop.fit``'s step loop, verbatim (checkpointing and the stop-signal poll,
-    both off by default, left out), over ``DeviceData.train_batches``."""
+    """``loop.fit``'s step loop (checkpointing and the stop-signal poll, both off by default,
+    left out): ``train_step`` and ``accumulate`` over ``DeviceData.train_batches``."""
 
     def __init__(self, teacher, student, train, device, bs, precision, channels_last=False):
-        from kdbench.engine.loop import autocast, make_optimizer
+        from kdbench.engine.loop import make_optimizer, new_accum
         from kdbench.engine.runner import data_generator
 
-        self.device, self.precision, self.autocast = device, precision, autocast
+        self.device, self.precision = device, precision
         self.task = C.kd_task(teacher, student, train, device)
         params = [p for m in self.task.modules() for p in m.parameters() if p.requires_grad]
         self.optimizer, _ = make_optimizer(params, C.schedule(bs), device)
@@ -71,33 +71,20 @@ class KdbenchLoop:
         gen = data_generator(0, device)
         self.batches = forever(lambda: train.train_batches(bs, gen, self.task.views))
         self.channels_last = channels_last
-        self.loss_sum = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        self.term_sums: dict = {}
+        self.acc = new_accum(device)
         self.n_steps = 0
 
     def step(self):
+        from kdbench.engine.loop import accumulate, train_step
+
         batch = next(self.batches)
-        if self.channels_last:  # the proposal measured by --channels-last (not in the engine)
+        if self.channels_last:  # a no-op on CUDA, where the engine's batches are channels_last
             cl = torch.channels_last
             batch.x = batch.x.contiguous(memory_format=cl)
             batch.views = {k: v.contiguous(memory_format=cl) for k, v in batch.views.items()}
-        with self.autocast(self.device, self.precision):
-            terms, logits = self.task.loss_terms(batch)
-            loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        n = batch.y.shape[0]
-        loss = loss.detach().float()
-        self.loss_sum += loss * n
-        for name, value in terms.items():
-            self.term_sums[name] = self.term_sums.get(name, 0) + value.detach().float() * n
-        self.correct += (logits.detach().argmax(1) == batch.y).sum()
+        loss, terms, logits = train_step(self.task, batch, self.optimizer, self.device, self.precision)
         self.n_steps += 1
-        bad = self.first_bad  # fit's device-side "first non-finite step" flag (no host sync)
-        self.first_bad = torch.where((bad < 0) & ~torch.isfinite(loss), self.n_steps, bad)
+        accumulate(self.acc, loss, terms, logits, batch.y, self.n_steps)
 
 
 def distill_kl(y_s, y_t, T=4.0):
@@ -184,7 +171,7 @@ def run_config(device_name, pair, bs, images, labels, args) -> dict:
         s = copy.deepcopy(student)
         s.load_state_dict(init)
         p, resolved = precisions[0]
-        loops[f"kdbench {resolved} + channels_last (proposal)"] = KdbenchLoop(
+        loops[f"kdbench {resolved} + channels_last nets"] = KdbenchLoop(
             copy.deepcopy(teacher).to(memory_format=cl), s.to(memory_format=cl), train, device,
             bs, p, channels_last=True)
     ref_student = copy.deepcopy(student)
@@ -213,7 +200,7 @@ def run_config(device_name, pair, bs, images, labels, args) -> dict:
         C.log(f"{device_name} {pair} b{bs} round {r + 1}/{args.rounds}: " + ", ".join(
             f"{k} {1e3 * v:.1f} ms" for k, v in got.items()))
     for loop in loops.values():
-        if not torch.isfinite(loop.loss_sum.cpu() if isinstance(loop, KdbenchLoop)
+        if not torch.isfinite(loop.acc["loss"].cpu() if isinstance(loop, KdbenchLoop)
                                else torch.tensor(loop.loss_meter)).item():
             raise RuntimeError(f"{pair} b{bs}: loss is not finite")
     del loops
@@ -246,7 +233,7 @@ def main(argv=None) -> int:
                     "on the CPU), fp32, bf16; each is a row")
     ap.add_argument("--channels-last", action="store_true",
                     help="also time kdbench with both nets and the batches in channels_last "
-                    "memory format (a proposal; the engine does not do it)")
+                    "memory format, as the engine runs them on CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args(argv)
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]

@@ -33,14 +33,6 @@ import torch
 VIEWS = 162
 
 
-class NoProgress:
-    def batch(self):
-        pass
-
-    def epoch_done(self, epoch, metrics):
-        pass
-
-
 def train_students(args, device, train, test, teacher) -> list[tuple[dict, dict]]:
     """Each student with the live teacher, then with the shared cache (alternating, so that
     drifting machine load hits both alike): [(live, cached)] per student."""
@@ -66,7 +58,7 @@ def train_students(args, device, train, test, teacher) -> list[tuple[dict, dict]
             C.sync(device)
             t0 = time.perf_counter()
             fit(task, C.schedule(args.batch_size, epochs=args.epochs), train, test, device,
-                args.precision, data_generator(seed, device), NoProgress(), args.eval_batch_size)
+                args.precision, data_generator(seed, device), C.NoProgress(), args.eval_batch_size)
             C.sync(device)
             after = cache.stats()
             pair.append({"seconds": time.perf_counter() - t0,

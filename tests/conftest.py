@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from kdbench.registry import ONLY_DISTS_ENV, load_registry
+
 # Tests see only the plugins of the kdbench distribution itself (plus whatever a test adds):
 # nothing the developer happens to have installed can leak in.
 os.environ.setdefault("KDBENCH_ONLY_DISTS", "kdbench")
@@ -56,6 +58,20 @@ epochs = 1
 batch_size = 16
 lr = 0.05
 """
+
+
+def builtin_registry():
+    """The registry of kdbench's own plugins, whatever else is installed."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ONLY_DISTS_ENV, "kdbench")
+        return load_registry()
+
+
+@pytest.fixture(scope="session")
+def registry():
+    reg = builtin_registry()
+    assert not reg.broken, reg.broken
+    return reg
 
 
 @pytest.fixture

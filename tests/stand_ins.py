@@ -113,13 +113,14 @@ def batch_of(index, y=None):
     return Batch(x=torch.zeros(len(index), 3, 8, 8), y=y, index=index)
 
 
-def batch(x, epoch=0, epochs=1):
-    """A batch of the images ``x``, labels 0, samples 0..len(x)-1, at ``epoch`` of ``epochs``."""
-    return Batch(x=x, y=torch.zeros(len(x), dtype=torch.long), index=torch.arange(len(x)),
-                 epoch=epoch, epochs=epochs)
+def batch(x, epoch=0, epochs=1, index=None):
+    """A batch of the images ``x``, labels 0, samples ``index`` (default 0..len(x)-1), at
+    ``epoch`` of ``epochs``."""
+    index = torch.arange(len(x)) if index is None else torch.as_tensor(index)
+    return Batch(x=x, y=torch.zeros(len(x), dtype=torch.long), index=index, epoch=epoch, epochs=epochs)
 
 
-def run(method, student, teacher, x, epoch=0, epochs=1):
+def run(method, student, teacher, x, epoch=0, epochs=1, index=None):
     """One training-mode step on ``x``: the terms and both nets' outputs (teacher's no-grad)."""
     method.train()
     student.train()
@@ -127,7 +128,21 @@ def run(method, student, teacher, x, epoch=0, epochs=1):
     s_out = student(x)
     with torch.no_grad():
         t_out = teacher(x)
-    return method(s_out, t_out, batch(x, epoch, epochs), {}), s_out, t_out
+    return method(s_out, t_out, batch(x, epoch, epochs, index), {}), s_out, t_out
+
+
+def assert_gradients_route(student, teacher, method=None, untouched=("fc.",)):
+    """After a backward: every student parameter whose name starts with one of ``untouched``
+    has no gradient; every other one, and every parameter of ``method``, has a finite non-zero
+    gradient; the teacher's parameters (still requiring grad) have none."""
+    learning = [(n, p) for n, p in student.named_parameters() if not n.startswith(untouched)]
+    for name, p in student.named_parameters():
+        if name.startswith(untouched):
+            assert p.grad is None, name
+    for name, p in learning + list(method.named_parameters() if method is not None else []):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    for name, p in teacher.named_parameters():
+        assert p.requires_grad and p.grad is None, name
 
 
 # ------------------------------------------------------------------------------ numpy reference

@@ -23,7 +23,7 @@ from kdbench.data.loader import DeviceData
 from kdbench.engine.loop import autocast, make_optimizer
 from kdbench.engine.runner import StudentTask, build_model, data_generator, dummy_forward
 from kdbench.recipe import Schedule
-from kdbench.registry import ONLY_DISTS_ENV, load_registry
+from conftest import builtin_registry
 
 torch.set_num_threads(1)
 
@@ -64,21 +64,8 @@ TERMS = {
 }
 
 
-def _load_registry():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ONLY_DISTS_ENV, "kdbench")
-        return load_registry()
-
-
 # Collected from the registry itself, so a newly registered method is tested automatically.
-METHODS = [n for n in _load_registry().names("student_method") if n != "ce"]
-
-
-@pytest.fixture(scope="module")
-def registry():
-    reg = _load_registry()
-    assert not reg.broken, reg.broken
-    return reg
+METHODS = [n for n in builtin_registry().names("student_method") if n != "ce"]
 
 
 def test_every_method_has_expected_terms():

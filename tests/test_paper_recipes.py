@@ -15,7 +15,6 @@ import pytest
 
 from kdbench.leaderboard import load_reference, write_leaderboard
 from kdbench.recipe import expand, load_recipe
-from kdbench.registry import ONLY_DISTS_ENV, load_registry
 from kdbench.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +54,6 @@ GAPS = {
     "Table 2": {(t, s, m) for t, s in HETERO for m in ("CRD", "OFD")},
     "Table 3": {(t, s, m) for t, s in HETERO_T3 for m in ("student", "CRD", "OFD")},
 }
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ONLY_DISTS_ENV, "kdbench")
-        reg = load_registry()
-    assert not reg.broken, reg.broken
-    return reg
 
 
 def csv_rows() -> list[dict]:
@@ -121,11 +111,10 @@ def test_every_paper_cell_has_a_recipe_cell(registry, path, expected):
     assert gaps == {c for c in GAPS.get(table, set()) if (c[0], c[1]) in names}
 
 
-def test_pairs_cover_each_table():
+def test_pairs_cover_each_table(registry):
     def pairs(name, lit=False):
         path = RECIPES / ("literature" if lit else "") / f"{name}.toml"
-        reg = load_registry()
-        return [(p.ref_teacher, p.ref_student) for p in load_recipe(path, reg, False).recipe.pairs]
+        return [(p.ref_teacher, p.ref_student) for p in load_recipe(path, registry, False).recipe.pairs]
 
     assert pairs("cifar100_homogeneous") == HOMO == pairs("tinyimagenet_homogeneous")
     assert pairs("cifar100_heterogeneous") == HETERO == pairs("tinyimagenet_heterogeneous")

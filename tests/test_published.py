@@ -17,17 +17,9 @@ import torch
 from kdbench.api import UserError
 from kdbench.engine.runner import build_model
 from kdbench.published import checkpoint_metadata, load_published_teacher, read_state_dict
-from kdbench.registry import ONLY_DISTS_ENV, load_registry
 
 torch.set_num_threads(1)
 NUM_CLASSES = 100
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ONLY_DISTS_ENV, "kdbench")
-        return load_registry()
 
 
 # ------------------------------------------------------------- the reference layout, derived

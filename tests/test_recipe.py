@@ -3,12 +3,6 @@ import pytest
 
 from kdbench.api import UserError
 from kdbench.recipe import RecipeError, expand, load_recipe
-from kdbench.registry import load_registry
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 def test_expansion_counts_and_stable_ids(tiny_recipe, registry):

@@ -13,14 +13,8 @@ from kdbench.data.augment import crop_flip_code, crop_flip_decode, num_crop_flip
 from kdbench.data.loader import DeviceData
 from kdbench.engine.runner import StudentTask, build_model, cast_teacher_once
 from kdbench.engine.teacher_cache import TeacherLogitCache
-from kdbench.registry import load_registry
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 def _data(n=44, classes=4, size=16):

@@ -17,22 +17,12 @@ from kdbench.api import ImageData, MethodSetup, UserError
 from kdbench.data.loader import DeviceData
 from kdbench.engine.loop import autocast
 from kdbench.engine.runner import StudentTask, build_model, data_generator, dummy_forward
-from kdbench.registry import ONLY_DISTS_ENV, load_registry
 
 torch.set_num_threads(1)
 
 DEVICE = torch.device("cpu")
 NUM_CLASSES, NUM_IMAGES, BATCH, SIZE = 5, 8, 4, 32
 RESNET, MOBILE, CONVNEXT = "resnet10t", "mobilenetv3_small_050", "test_convnext"
-
-
-@pytest.fixture(scope="module")
-def registry():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ONLY_DISTS_ENV, "kdbench")
-        reg = load_registry()
-    assert not reg.broken, reg.broken
-    return reg
 
 
 @pytest.fixture(scope="module")

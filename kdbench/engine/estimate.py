@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench.engine.loop import autocast, make_optimizer
+from kdbench.engine.loop import make_optimizer, train_step
 from kdbench.recipe import RunSpec, Schedule
 
 
@@ -63,12 +63,7 @@ def _time_steps(runner, spec: RunSpec, steps: int) -> float:
             batches = train.train_batches(schedule.batch_size, generator, task.views)
             batch = next(batches)
         t0 = time.perf_counter()
-        with autocast(runner.device, runner.recipe.precision):
-            terms, _ = task.loss_terms(batch)
-            loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(task, batch, optimizer, runner.device, runner.recipe.precision)
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
         if i > 0:  # the first step pays for allocation and autotuning

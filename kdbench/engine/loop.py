@@ -131,12 +131,39 @@ def _kill_hook() -> tuple[int, int] | None:
     return int(step), int(getattr(signal, f"SIG{name or 'KILL'}"))
 
 
-def _new_accum(device: torch.device) -> dict:
+def new_accum(device: torch.device) -> dict:
+    """An epoch's metrics, kept on the device (see :func:`accumulate`)."""
     return {"loss": torch.zeros((), device=device),
             "correct": torch.zeros((), device=device, dtype=torch.long),
             "terms": {}, "seen": 0,
             # First global step (1-based) whose loss was not finite, -1 while all are finite.
             "first_bad": torch.full((), -1, device=device, dtype=torch.long)}
+
+
+def train_step(task: Task, batch: Batch, optimizer, device: torch.device, precision: str):
+    """One optimizer step of ``task`` on ``batch``: (loss, terms, logits), not detached. No host
+    sync. The step of :func:`fit`, of the ``--calibrate`` estimate and of the benchmarks."""
+    with autocast(device, precision):
+        terms, logits = task.loss_terms(batch)
+        loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, terms, logits
+
+
+def accumulate(acc: dict, loss: Tensor, terms: dict[str, Tensor], logits: Tensor, y: Tensor,
+               step: int) -> None:
+    """Add global step ``step``'s (1-based) metrics to ``acc``, on the device (no host sync)."""
+    n = y.shape[0]
+    acc["seen"] += n
+    loss = loss.detach().float()
+    acc["loss"] += loss * n
+    for name, value in terms.items():
+        acc["terms"][name] = acc["terms"].get(name, 0) + value.detach().float() * n
+    acc["correct"] += (logits.detach().argmax(1) == y).sum()
+    bad = acc["first_bad"]
+    acc["first_bad"] = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
 
 
 def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch.device,
@@ -173,7 +200,7 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
         # replays the first ``skip`` batches (data only) to get the same batches and state.
         epoch_gen_state = generator.get_state()
         skip = resume.batch if resume is not None and resume.epoch == epoch else 0
-        acc = resume.accum if skip and resume.accum is not None else _new_accum(device)
+        acc = resume.accum if skip and resume.accum is not None else new_accum(device)
         lr = optimizer.param_groups[0]["lr"]
 
         def save(batch_done: int, mid_epoch: bool) -> None:
@@ -194,23 +221,9 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
-            with autocast(device, precision):
-                terms, logits = task.loss_terms(batch)
-                loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = batch.y.shape[0]
-            acc["seen"] += n
-            loss = loss.detach().float()
-            acc["loss"] += loss * n
-            for name, value in terms.items():
-                acc["terms"][name] = acc["terms"].get(name, 0) + value.detach().float() * n
-            acc["correct"] += (logits.detach().argmax(1) == batch.y).sum()
+            loss, terms, logits = train_step(task, batch, optimizer, device, precision)
             step += 1
-            # On the device, no host sync: remember the first step with a non-finite loss.
-            bad = acc["first_bad"]
-            acc["first_bad"] = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
+            accumulate(acc, loss, terms, logits, batch.y, step)
             progress.batch()
             if checkpointer is not None and every and step % every == 0 and i + 1 < nbatches:
                 save(i + 1, mid_epoch=True)

@@ -607,11 +607,17 @@ class GridRunner:
         path = spec.spec["checkpoint"]["path"]
         load_published_teacher(path, model)
         metrics = evaluate(model, test, self.recipe.eval_batch_size, self.device, self.recipe.precision)
+        result = {"top1": metrics["test_top1"], "top5": metrics["test_top5"], "epoch": 0}
+        record = self._finished_teacher(spec, model, epochs=[], final=result, best=result)
+        record["published"] = checkpoint_metadata(path)
+        return record
+
+    def _finished_teacher(self, spec: RunSpec, model: nn.Module, **results) -> dict:
+        """Save a finished teacher's weights; its record, with the soft-label diagnostics."""
+        _, test = self.data()
         self.store.save_weights(spec.id, model.state_dict())
         record = self._base_record(spec, "done")
-        result = {"top1": metrics["test_top1"], "top5": metrics["test_top5"], "epoch": 0}
-        record.update(epochs=[], final=result, best=result, published=checkpoint_metadata(path),
-                      weights_sha256=weights_sha256(model.state_dict()))
+        record.update(**results, weights_sha256=weights_sha256(model.state_dict()))
         with autocast(self.device, self.recipe.precision):
             record["diagnostics"] = teacher_diagnostics(
                 model, test.eval_batches(self.recipe.eval_batch_size),
@@ -649,20 +655,11 @@ class GridRunner:
     def _train_teacher(self, spec: RunSpec, checkpointer: Checkpointer) -> dict:
         if "checkpoint" in spec.spec:
             return self._published_teacher(spec)
-        _, test = self.data()
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
         task = self.teacher_task(spec)
-        model = task.model
         result = self._fit(task, spec, checkpointer)
-        self.store.save_weights(spec.id, model.state_dict())
-        record = self._base_record(spec, "done")
-        record.update(epochs=result.epochs, final=result.final, best=result.best,
-                      weights_sha256=weights_sha256(model.state_dict()))
-        with autocast(self.device, self.recipe.precision):
-            record["diagnostics"] = teacher_diagnostics(
-                model, test.eval_batches(self.recipe.eval_batch_size),
-                temperature=self.recipe.diagnostics_temperature)
-        return record
+        return self._finished_teacher(spec, task.model, epochs=result.epochs, final=result.final,
+                                      best=result.best)
 
     def load_teacher(self, spec: RunSpec) -> nn.Module:
         model = self._build(spec.spec["model"])
