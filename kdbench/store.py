@@ -144,6 +144,11 @@ def iter_records(root: Path) -> Iterator[dict]:
 
 
 def provenance(device: torch.device, plugin_versions: dict[str, str]) -> dict:
+    """What a result depends on besides its spec. ``device`` is the GPU's name on CUDA, else
+    the processor architecture (``platform.processor()``); ``threads`` (torch's intra-op
+    thread count: float reductions are split, and summed, differently with another count),
+    ``cpu`` (model name), ``cuda``/``cudnn`` (versions torch runs with; cuDNN's only when CUDA
+    is available) and ``gpu`` (name, CUDA devices only) say why two runs differ."""
     import kdbench
 
     info = {
@@ -154,6 +159,11 @@ def provenance(device: torch.device, plugin_versions: dict[str, str]) -> dict:
         "platform": platform.platform(),
         "device": _device_name(device),
         "git_commit": _git_commit(),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(),
+        "cuda": torch.version.cuda,
+        "cudnn": _cudnn_version(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
     return info
 
@@ -162,6 +172,30 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name ("model name" in /proc/cpuinfo on Linux x86; "Model"/"Hardware"
+    on some ARM boards), else ``platform.processor()`` / ``platform.machine()``."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        fields = {}
+    fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
+    for key in ("model name", "model", "hardware", "cpu model"):
+        if fields.get(key) and not fields[key].isdigit():  # x86's "model" is a number
+            return fields[key]
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cudnn_version() -> int | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return torch.backends.cudnn.version()
+    except Exception:  # a broken cuDNN install must not keep the record from being written
+        return None
 
 
 def _git_commit() -> str | None:
