@@ -1,8 +1,11 @@
 """The student's own cross-entropy with the ground-truth labels.
 
 An explicit term of every method set: the vanilla student is ``[{name = "ce"}]``, Hinton KD is
-``ce`` (weight 0.1) + ``kd`` (weight 0.9). Needs no teacher.
+``ce`` (weight 0.1) + ``kd`` (weight 0.9). Needs no teacher. The logits are up-cast to fp32
+before the loss, autocast off (CUDA/CPU autocast would up-cast them too; this does not rely on
+an autocast op list).
 """
+import torch
 import torch.nn.functional as F
 
 from kdbench.api import NoParams, StudentMethod, hookimpl
@@ -16,7 +19,11 @@ class CrossEntropy(StudentMethod):
         super().__init__()
 
     def forward(self, student, teacher, batch, extra):
-        return {"ce": F.cross_entropy(student.logits, batch.y)}
+        logits = student.logits
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            if logits.dtype in (torch.bfloat16, torch.float16):
+                logits = logits.float()
+            return {"ce": F.cross_entropy(logits, batch.y)}
 
 
 @hookimpl

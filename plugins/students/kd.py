@@ -5,7 +5,12 @@
 KL summed over classes, averaged over the batch, scaled by T² so gradients keep their size
 across temperatures. Defaults from the method card: T = 4, weight 0.9 (the student's CE term,
 weight 0.1, is the separate ``ce`` method in the recipe).
+
+Deviations from the reference: none in the loss; inputs are up-cast to fp32 before the loss (the
+reference trains in fp32), with autocast off: under bf16 the log-softmax / KL of bf16 logits
+lose the small KL of a student close to its teacher (it can even come out negative).
 """
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 
@@ -16,11 +21,19 @@ class KDParams(Params):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
 
 
+def _fp32(x):
+    """x in at least float32 (bf16/fp16 up-cast; float32/float64 unchanged)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def kd_loss(student_logits, teacher_logits, temperature: float):
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    """T² · batch-mean KL(softmax(t/T) ‖ softmax(s/T)), in float32 with autocast off."""
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student_logits, teacher_logits = _fp32(student_logits), _fp32(teacher_logits)
+        log_p_s = F.log_softmax(student_logits / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        return kl * temperature**2
 
 
 class KD(StudentMethod):
