@@ -47,6 +47,9 @@ Choices and deviations (documented):
   margin = min(β, 0).
 * The Gaussian CDF is computed with ``math.erfc`` (no scipy); values agree with scipy's
   ``norm.cdf`` to double precision.
+* Inputs are up-cast to fp32 before the loss (the reference trains in fp32): the connectors may
+  run under bf16 autocast, their outputs and the teacher maps are up-cast (before the teacher's
+  pooling) and the partial L2 is summed in fp32 with autocast off.
 """
 from __future__ import annotations
 
@@ -82,11 +85,19 @@ def margins_from_bn(bn: nn.BatchNorm2d) -> Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def _fp32(x: Tensor) -> Tensor:
+    """x in at least float32 (bf16/fp16 up-cast; float32/float64 unchanged)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def partial_l2(source: Tensor, target: Tensor, margin: Tensor) -> Tensor:
-    """Σ over positions where not (source <= σ_m(t) <= 0) of (source − σ_m(t))²; margin (C,)."""
-    target = torch.max(target, margin.view(1, -1, 1, 1).to(target))
-    mask = (source > target) | (target > 0)
-    return ((source - target) ** 2 * mask.to(source.dtype)).sum()
+    """Σ over positions where not (source <= σ_m(t) <= 0) of (source − σ_m(t))²; margin (C,).
+    bf16/fp16 inputs are up-cast: the sum is taken in float32 with autocast off."""
+    with torch.autocast(device_type=source.device.type, enabled=False):
+        source, target = _fp32(source), _fp32(target)
+        target = torch.max(target, margin.view(1, -1, 1, 1).to(target))
+        mask = (source > target) | (target > 0)
+        return ((source - target) ** 2 * mask.to(source.dtype)).sum()
 
 
 def _connector(s_ch: int, t_ch: int) -> nn.Sequential:
@@ -136,15 +147,16 @@ class OFD(StudentMethod):
         s_feats = student.preact_feats[1:][-k:]
         t_feats = teacher.preact_feats[1:][-k:]
         batch_size = s_feats[0].shape[0]
-        total = s_feats[0].new_zeros(())
+        total = _fp32(s_feats[0]).new_zeros(())
         for i, (fs, ft, conn, margin) in enumerate(
             zip(s_feats, t_feats, self.connectors, self.margins())
         ):
-            source = conn(fs)
-            target = ft.detach()
-            if target.shape[-2:] != source.shape[-2:]:
-                target = F.adaptive_avg_pool2d(target, source.shape[-2:])
-            total = total + partial_l2(source, target, margin) / 2 ** (k - i - 1)
+            source = _fp32(conn(fs))  # the connector may run in bf16; the loss does not
+            with torch.autocast(device_type=source.device.type, enabled=False):
+                target = _fp32(ft.detach())
+                if target.shape[-2:] != source.shape[-2:]:
+                    target = F.adaptive_avg_pool2d(target, source.shape[-2:])
+                total = total + partial_l2(source, target, margin) / 2 ** (k - i - 1)
         return {"ofd": total / batch_size}
 
 

@@ -45,6 +45,9 @@ Choices and deviations (documented):
 * ABF init as the official code: kaiming_uniform(a=1) on both conv weights, PyTorch defaults for
   the attention conv and the BNs.
 * HCL's skip test uses the map height (as the official code); all zoo maps are square.
+* Inputs are up-cast to fp32 before the loss (the reference trains in fp32): the ABF modules may
+  run under bf16 autocast, their outputs and the teacher levels are up-cast and HCL (MSEs and
+  pooling) runs in fp32 with autocast off.
 """
 from __future__ import annotations
 
@@ -99,24 +102,33 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
+def _fp32(x: Tensor) -> Tensor:
+    """x in at least float32 (bf16/fp16 up-cast; float32/float64 unchanged)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def hcl_loss(fstudent: list[Tensor], fteacher: list[Tensor]) -> Tensor:
-    total = fstudent[0].new_zeros(())
-    for fs, ft in zip(fstudent, fteacher):
-        h = fs.shape[2]
-        loss = F.mse_loss(fs, ft, reduction="mean")
-        cnt, tot = 1.0, 1.0
-        for level in (4, 2, 1):
-            if level >= h:
-                continue
-            cnt /= 2.0
-            loss = loss + cnt * F.mse_loss(
-                F.adaptive_avg_pool2d(fs, (level, level)),
-                F.adaptive_avg_pool2d(ft, (level, level)),
-                reduction="mean",
-            )
-            tot += cnt
-        total = total + loss / tot
-    return total
+    """Σ over levels of the hierarchical context loss; bf16/fp16 maps are up-cast, the MSEs and
+    poolings run in float32 with autocast off."""
+    with torch.autocast(device_type=fstudent[0].device.type, enabled=False):
+        total = _fp32(fstudent[0]).new_zeros(())
+        for fs, ft in zip(fstudent, fteacher):
+            fs, ft = _fp32(fs), _fp32(ft)
+            h = fs.shape[2]
+            loss = F.mse_loss(fs, ft, reduction="mean")
+            cnt, tot = 1.0, 1.0
+            for level in (4, 2, 1):
+                if level >= h:
+                    continue
+                cnt /= 2.0
+                loss = loss + cnt * F.mse_loss(
+                    F.adaptive_avg_pool2d(fs, (level, level)),
+                    F.adaptive_avg_pool2d(ft, (level, level)),
+                    reduction="mean",
+                )
+                tot += cnt
+            total = total + loss / tot
+        return total
 
 
 def warmup_factor(epoch: int, warmup_epochs: float) -> float:

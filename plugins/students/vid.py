@@ -28,7 +28,9 @@ Deviations from the references: α is a registered ``nn.Parameter`` of the metho
 checkpointed and trained by the student's optimizer (**defect** in mdistiller: its
 ``log_scales`` live in a plain Python list, are never registered and never trained). The adaptive
 pool uses the (H, W) of the smaller map instead of assuming square maps. The NLL is computed in
-float32 with autocast disabled (softplus / log / division are not bf16-safe).
+float32 with autocast disabled (softplus / log / division are not bf16-safe): inputs are up-cast
+to fp32 before the loss (the reference trains in fp32); the teacher map is up-cast before it is
+pooled, the regressor may run in bf16 under autocast and its output is up-cast.
 """
 from __future__ import annotations
 
@@ -121,7 +123,10 @@ class VID(StudentMethod):
             t = teacher.feats[j]
             if t.is_inference():
                 t = t.clone()
-            s, t = match_spatial(student.feats[i], t)
+            if t.dtype in (torch.bfloat16, torch.float16):
+                t = t.float()  # the loss target: pooled (if it is the larger map) in fp32
+            with torch.autocast(device_type=t.device.type, enabled=False):
+                s, t = match_spatial(student.feats[i], t)
             mu = reg(s)
             with torch.autocast(device_type=mu.device.type, enabled=False):
                 var = (F.softplus(alpha.float()) + self.eps).view(1, -1, 1, 1)
