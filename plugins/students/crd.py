@@ -46,7 +46,9 @@ Deviations from the references:
   name) so the tensor saved for backward is never modified in place;
 * the negatives come from the method, not the data loader, and are sampled on the device;
   the reference's unused AliasMethod (which could draw the anchor) is not reproduced;
-* the contrast runs in float32 with autocast disabled (exp(score/τ) is not bf16-safe);
+* the contrast runs in float32 with autocast disabled (exp(score/τ) is not bf16-safe): inputs
+  are up-cast to fp32 before the loss (the reference trains in fp32); the embedding linears may
+  run in bf16, their outputs are normalised in fp32, and the memory banks stay fp32;
 * per-step cost of the sampler is O(B·N) (fine for CIFAR / Tiny ImageNet).
 """
 from __future__ import annotations
@@ -83,8 +85,9 @@ class Embed(nn.Module):
         self.linear = nn.Linear(dim_in, dim_out)
 
     def forward(self, x):
-        x = self.linear(x.reshape(x.shape[0], -1))
-        return F.normalize(x.float(), p=2, dim=1)
+        x = self.linear(x.reshape(x.shape[0], -1))  # may run in bf16 under autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.normalize(x.float(), p=2, dim=1)
 
 
 def nce_loss(p: torch.Tensor, n_data: int) -> torch.Tensor:
@@ -183,12 +186,14 @@ class CRD(StudentMethod):
 
     @torch.no_grad()
     def update_memory(self, v_s: torch.Tensor, v_t: torch.Tensor, idx: torch.Tensor):
-        """M[i] <- normalise(μ·M[i] + (1 − μ)·v(i)); out of place (a new buffer tensor)."""
-        for name, v in (("memory_s", v_s), ("memory_t", v_t)):
-            bank = getattr(self, name)
-            new = bank.index_select(0, idx) * self.momentum + v.float() * (1 - self.momentum)
-            new = new / new.pow(2).sum(1, keepdim=True).sqrt()
-            setattr(self, name, bank.index_copy(0, idx, new))
+        """M[i] <- normalise(μ·M[i] + (1 − μ)·v(i)); out of place (a new buffer tensor). The
+        banks stay float32 (v is up-cast; autocast off)."""
+        with torch.autocast(device_type=v_s.device.type, enabled=False):
+            for name, v in (("memory_s", v_s), ("memory_t", v_t)):
+                bank = getattr(self, name)
+                new = bank.index_select(0, idx) * self.momentum + v.float() * (1 - self.momentum)
+                new = new / new.pow(2).sum(1, keepdim=True).sqrt()
+                setattr(self, name, bank.index_copy(0, idx, new))
 
     def forward(self, student, teacher, batch, extra):
         t = teacher.pooled

@@ -22,7 +22,8 @@ Any other size ratio (student smaller than the teacher by a factor other than 2)
 
 Deviations from the reference: none in the loss. The teacher map is cloned when it is an
 inference-mode tensor (so the engine may run the teacher under ``torch.inference_mode()``), and
-the regressor output is compared in float32 (harmless under bf16 autocast).
+the regressor output is compared in float32 (harmless under bf16 autocast): inputs are up-cast to
+fp32 before the loss (the reference trains in fp32); the MSE runs with autocast off.
 """
 from __future__ import annotations
 
@@ -88,9 +89,10 @@ class FitNet(StudentMethod):
         )
 
     def forward(self, student, teacher, batch, extra):
-        pred = self.regressor(student.feats[self.hint_layer])
+        pred = self.regressor(student.feats[self.hint_layer])  # may run in bf16 under autocast
         target = _plain(teacher.feats[self.hint_layer])
-        return {"fitnet": F.mse_loss(pred.float(), target.float())}
+        with torch.autocast(device_type=pred.device.type, enabled=False):
+            return {"fitnet": F.mse_loss(pred.float(), target.float())}
 
 
 @hookimpl

@@ -1,7 +1,20 @@
-"""Plain cross-entropy: the teacher of every baseline row in the paper's tables (λ = 0)."""
+"""Plain cross-entropy: the teacher of every baseline row in the paper's tables (λ = 0).
+
+The logits are up-cast to fp32 before the loss, autocast off.
+"""
+import torch
 import torch.nn.functional as F
 
 from kdbench.api import NoParams, TeacherObjective, hookimpl
+
+
+def fp32_cross_entropy(logits, y):
+    """Cross-entropy of bf16/fp16 logits up-cast to float32 (float32/float64 unchanged), with
+    autocast off."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()
+        return F.cross_entropy(logits, y)
 
 
 class CrossEntropy(TeacherObjective):
@@ -9,7 +22,7 @@ class CrossEntropy(TeacherObjective):
         super().__init__()
 
     def forward(self, out, batch, extra, encode):
-        return {"ce": F.cross_entropy(out.logits, batch.y)}
+        return {"ce": fp32_cross_entropy(out.logits, batch.y)}
 
 
 @hookimpl

@@ -32,6 +32,9 @@ negatives"; we use the symmetric two-view form above.
 The core, :func:`tuple_loss_terms`, is shared with ``margin_intra`` (one implementation of
 Eq. 4); it takes the negative mask as an argument so the same code path gives the inter-class
 (n+1)-tuple loss of Eq. 1 / Eq. 8 when handed other-class negatives.
+
+Precision: the logits of CE, the embeddings (after the projection head, which may run in bf16
+under autocast) and the similarities are up-cast to fp32 before the loss, autocast off.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kdbench.api import ModelOutput, Params, TeacherObjective, hookimpl
+from kdbench_plugins.teachers.ce import fp32_cross_entropy
 
 Embedding = Literal["pooled", "logits", "projection"]
 
@@ -134,7 +138,8 @@ class Embedder(nn.Module):
             z = out.pooled
         else:
             z = self.head(out.pooled)
-        return F.normalize(z.float().flatten(1), dim=1)
+        with _no_autocast(z.device):
+            return F.normalize(z.float().flatten(1), dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +167,7 @@ class IntraClass(TeacherObjective):
         self.register_buffer("_stat_anchors", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def forward(self, out, batch, extra, encode):
-        ce = F.cross_entropy(out.logits, batch.y)
+        ce = fp32_cross_entropy(out.logits, batch.y)
         z1 = self.embed(out)
         z2 = self.embed(extra["second"])
         loss, valid = intra_class_loss_terms(z1, z2, batch.y, self.temperature)

@@ -54,6 +54,9 @@ Caveats / costs:
     flush batch (the flushing classes only) and also updates the running statistics with it.
   * The engine runs the teacher on the second view every step (needed for its images); in
     pipeline mode that output itself is unused.
+
+Precision: as ``intra_class`` (CE, gate softmax, embeddings and similarities in fp32, autocast
+off); the queue holds float32 images.
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from kdbench.api import Params, TeacherObjective, hookimpl
+from kdbench_plugins.teachers.ce import fp32_cross_entropy
 from kdbench_plugins.teachers.intra_class import (
     Embedder,
     Embedding,
@@ -90,11 +94,12 @@ class MarginIntraParams(Params):
 
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
-    """ρ = p^y − max_{j≠y} p^j (Eq. 6) from softmax(logits), detached, float32."""
-    p = torch.softmax(logits.detach().float(), dim=1)
-    p_y = p.gather(1, y[:, None]).squeeze(1)
-    p_other = p.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-    return p_y - p_other
+    """ρ = p^y − max_{j≠y} p^j (Eq. 6) from softmax(logits), detached, float32 (autocast off)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        p = torch.softmax(logits.detach().float(), dim=1)
+        p_y = p.gather(1, y[:, None]).squeeze(1)
+        p_other = p.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+        return p_y - p_other
 
 
 def _true_indices(mask: Tensor, count: int) -> Tensor:
@@ -135,7 +140,7 @@ class MarginIntra(TeacherObjective):
     # ----------------------------------------------------------------------------------------
     def forward(self, out, batch, extra, encode):
         y = batch.y
-        ce = F.cross_entropy(out.logits, y)
+        ce = fp32_cross_entropy(out.logits, y)
         passed = margin(out.logits, y) > self.delta
         with torch.no_grad():
             self._stat_seen += y.numel()
