@@ -8,7 +8,6 @@ stopped it after writing a checkpoint; the same command again resumes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -34,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kdbench.launchers import LAUNCHERS
+
     p = argparse.ArgumentParser(prog="kdbench", description="Knowledge-distillation benchmark.")
     sub = p.add_subparsers(dest="command")
 
@@ -56,9 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-diverged", action="store_true",
                      help="train runs recorded as diverged again (default: keep them as results)")
     run.add_argument("--plain", action="store_true", help="plain progress lines, no bars")
-    run.add_argument("--launcher", choices=["inline", "local", "slurm"],
-                     help="inline: this process trains the grid (default; or the recipe's "
-                          "launcher); local: a worker process per device; slurm: job arrays")
+    run.add_argument("--launcher", choices=list(LAUNCHERS),
+                     help="; ".join(f"{name}: {launcher.help}" for name, launcher in LAUNCHERS.items())
+                     + " (default: the recipe's launcher, inline)")
     run.add_argument("--devices", metavar="D1,D2,...",
                      help="local launcher: one worker per device (cuda:0,cuda:1 or cpu,cpu)")
     run.add_argument("--workers", type=int, metavar="N", help="local launcher: N CPU workers")
@@ -105,9 +106,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from kdbench.engine.runner import GridRunner
-    from kdbench.progress import make_progress
-
     if args.threads is not None:
         if args.threads <= 0:
             raise UserError(f"--threads must be a positive number, got {args.threads}")
@@ -123,15 +121,11 @@ def cmd_run(args) -> int:
     registry, loaded = _load(args.recipe, check_device=args.device is None)
     if args.output:
         loaded.recipe = loaded.recipe.model_copy(update={"output": str(args.output)})
-    progress = make_progress(force_plain=args.plain)
-    runner_cls = GridRunner
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each run across the ranks
-        from kdbench.engine.distributed import DistributedGridRunner as runner_cls
-    runner = runner_cls(loaded, registry, progress, device=args.device, fail_fast=args.fail_fast,
-                        checkpoint_every=args.checkpoint_every, retry_diverged=args.retry_diverged)
-    if args.run_id:
-        runner.only = set(args.run_id)
     if args.dry_run:
+        from kdbench.launchers.inline import make_runner
+        from kdbench.progress import make_progress
+
+        runner = make_runner(args, loaded, registry, make_progress(force_plain=args.plain))
         _print_plan(runner)
         if args.calibrate or args.throughput:
             from kdbench.engine.estimate import estimate, format_estimate
@@ -144,27 +138,9 @@ def cmd_run(args) -> int:
     launcher = args.launcher or loaded.recipe.launcher
     if launcher != "local" and (args.devices or args.workers):
         raise UserError("--devices and --workers go with --launcher local")
-    if launcher != "inline":
-        from kdbench.launchers import launch
+    from kdbench.launchers import launch
 
-        return launch(launcher, args, loaded, registry)
-    with progress:
-        summary = runner.run()
-    print(f"kdbench: {len(summary.done)} done, {len(summary.skipped)} skipped (already done), "
-          f"{len(summary.failed)} failed, {len(summary.diverged)} diverged, "
-          f"{len(summary.interrupted)} interrupted; results in {loaded.output_dir}", file=sys.stderr)
-    for label, ids in (("failed", summary.failed), ("diverged", summary.diverged),
-                       ("interrupted", summary.interrupted)):
-        for run_id in ids:
-            print(f"  {label}: {run_id}", file=sys.stderr)
-    if summary.signal is not None:
-        # Exit like a process killed by the signal would (128 + signal number).
-        import signal
-
-        print(f"kdbench: stopped by {signal.Signals(summary.signal).name}; the interrupted run "
-              "saved a checkpoint: run the same command again to resume", file=sys.stderr)
-        return 128 + summary.signal
-    return 1 if summary.failed else 0
+    return launch(launcher, args, loaded, registry)
 
 
 def _print_plan(runner) -> None:

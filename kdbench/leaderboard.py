@@ -6,7 +6,8 @@ in bold, and — where the recipe names a reference table — the paper's number
 difference. Teacher rows come first (one per teacher objective, showing the teachers the
 students of that column actually used), then the method sets in recipe order (so a "Student"
 set listed first comes right after the teachers). The paper's teacher numbers are those of the
-CE-trained teacher, so only the teacher row of the plain ``ce`` objective gets one. Each table
+CE-trained teacher: a recipe marks the objective whose teachers are that row with
+``ref_teacher = true``, and only that row gets the paper's number. Each table
 is followed by the teachers' soft-label diagnostics. ``leaderboard.png`` (needs matplotlib, the
 ``plot`` extra) plots every row's accuracy per pair with error bars.
 """
@@ -48,10 +49,10 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     for rec in students:
         m = rec["meta"]
         ok = rec["status"] == "done"
+        pair_order, row_order, objective_order = _student_order(m)
         rows.append({
             "group": m["group"], "dataset": m["dataset"], "pair": m["pair"],
-            "pair_order": m["order"][0], "row_order": m["order"][1],
-            "objective_order": m["order"][2] if len(m["order"]) > 2 else 0,
+            "pair_order": pair_order, "row_order": row_order, "objective_order": objective_order,
             "method_set": m["method_set"], "objective": m.get("objective"),
             "seed": rec["spec"]["seed"], "status": rec["status"],
             "top1": rec[metric]["top1"] if ok else math.nan,
@@ -71,11 +72,20 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             ok = t["status"] == "done"
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
                           "pair_order": pair_order, "objective_order": objective_order,
-                          "objective_name": ((t.get("spec") or {}).get("objective") or {}).get("name"),
+                          "reference_row": bool((t.get("meta") or {}).get("reference_row")),
                           "teacher_id": tid, "status": t["status"],
                           "top1": t[metric]["top1"] if ok else math.nan,
                           "diagnostics": t.get("diagnostics") or {}})
     return df, pd.DataFrame(trows)
+
+
+def _student_order(meta: dict) -> tuple[int, int, int]:
+    """(pair, method set, objective) positions in the recipe. Records written before the
+    metadata was typed hold them as a list ``order``."""
+    if "pair_index" in meta:
+        return meta["pair_index"], meta["method_set_index"], meta["objective_index"]
+    order = meta["order"]
+    return order[0], order[1], order[2] if len(order) > 2 else 0
 
 
 def _cell(values: pd.Series, statuses: pd.Series) -> tuple[str, float]:
@@ -116,9 +126,10 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
         if len(tsub):
             for obj in tsub["objective"].drop_duplicates():
                 trows = tsub[tsub["objective"] == obj]
-                # The reference tables' teacher row is the CE-trained teacher.
-                is_ce = "objective_name" in trows and (trows["objective_name"] == "ce").all()
-                teacher_rows.append((f"Teacher ({obj})", trows, True, "teacher" if is_ce else None))
+                # The reference table's teacher row is the one the recipe marks (ref_teacher =
+                # true on the objective: the paper's teachers are CE-trained).
+                is_ref = bool(trows["reference_row"].all())
+                teacher_rows.append((f"Teacher ({obj})", trows, True, "teacher" if is_ref else None))
         student_rows = [(r, sub[sub["row"] == r], False,
                          sub[sub["row"] == r].iloc[0]["ref_method"]) for r in row_order]
         for label, rows, is_teacher, method in teacher_rows + student_rows:

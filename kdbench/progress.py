@@ -97,3 +97,31 @@ class RichProgress(PlainProgress):
         super().run_done(status, summary)
         if self.grid_task is not None:
             self.bars.advance(self.grid_task)
+
+
+class SilentProgress:
+    """Reports nothing (the ranks other than 0 under torchrun, benchmarks)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def log(self, text: str) -> None:
+        pass
+
+    def grid(self, total: int) -> None:
+        pass
+
+    def run_started(self, desc: str, epochs: int, batches: int) -> None:
+        pass
+
+    def batch(self) -> None:
+        pass
+
+    def epoch_done(self, epoch: int, metrics: dict) -> None:
+        pass
+
+    def run_done(self, status: str, summary: str) -> None:
+        pass

@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "model": ("kdbench_register_models", "models"),
     "teacher_objective": ("kdbench_register_teacher_objectives", "teacher objectives"),
     "student_method": ("kdbench_register_student_methods", "student methods"),
+    "view": ("kdbench_register_views", "augmentation views"),
 }
 
 ONLY_DISTS_ENV = "KDBENCH_ONLY_DISTS"  # comma-separated distributions to load (tests, debugging)
@@ -77,7 +78,7 @@ class Registry:
             candidates = [p for p in candidates if normalize_dist(p.dist) == normalize_dist(dist)]
         if len(candidates) == 1:
             return candidates[0]
-        label = KINDS[kind][1][:-1] if kind != "student_method" else "student method"
+        label = {"student_method": "student method", "view": "augmentation view"}.get(kind, KINDS[kind][1][:-1])
         if not candidates:
             raise UserError(f"unknown {label} {name!r}{self.suggest(kind, short)}")
         both = " and ".join(p.qualified_name for p in candidates)
@@ -92,6 +93,16 @@ class Registry:
             return f" (did you mean {close[0]!r}?)"
         known = ", ".join(self.names(kind)) or "none registered"
         return f" (known: {known})"
+
+    def view_makers(self) -> dict[str, Callable[..., Any]]:
+        """Every registered augmentation view, by name (``dist:name`` too): what
+        :class:`kdbench.data.loader.DeviceData` calls to make the views a plugin asks for."""
+        makers = {}
+        for plugin in self.all("view"):
+            makers[plugin.qualified_name] = plugin.factory
+            if len(self.plugins["view"][plugin.name]) == 1:
+                makers[plugin.name] = plugin.factory
+        return makers
 
     def versions(self) -> dict[str, str]:
         """Distribution -> version of every plugin provider (for provenance)."""

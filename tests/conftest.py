@@ -32,6 +32,7 @@ ref_student = "WRN-16-2"
 
 [[teacher_objectives]]
 name = "ce"
+ref_teacher = true
 
 [[method_sets]]
 label = "Student"

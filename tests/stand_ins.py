@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput
+from kdbench.api import Batch, KDModel, ModelOutput
+from kdbench.engine.tasks import method_setup
 
 
 # ------------------------------------------------------------------------------ nets
@@ -91,9 +92,8 @@ def make_setup(student_out, teacher_out, student=None, teacher=None, n=10, label
     """A CPU MethodSetup over ``n`` training samples, labelled ``arange(n) % num_classes``
     unless ``labels`` are given."""
     labels = torch.arange(n) % num_classes if labels is None else labels
-    return MethodSetup(student=student, teacher=teacher, student_out=student_out,
-                       teacher_out=teacher_out, num_classes=num_classes, num_train_samples=n,
-                       train_labels=labels, image_size=image_size, device=torch.device("cpu"))
+    return method_setup(student, teacher, student_out, teacher_out, labels, num_classes, image_size,
+                        torch.device("cpu"))
 
 
 def setup_from_nets(student, teacher, size=8):

@@ -64,8 +64,8 @@ def _data(n=50, classes=5):
                      torch.arange(n) % classes, classes, (0.5,) * 3, (0.25,) * 3)
 
 
-def test_epochs_are_permutations_and_reproducible():
-    dd = DeviceData(_data(), torch.device("cpu"))
+def test_epochs_are_permutations_and_reproducible(registry):
+    dd = DeviceData(_data(), torch.device("cpu"), registry.view_makers())
     def epoch(seed):
         g = torch.Generator().manual_seed(seed)
         return [b for b in dd.train_batches(16, g, views=("second",))]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from kdbench.cli import main
-from kdbench.engine import runner
+from kdbench.engine import queue, runner
 from kdbench.engine.locks import RunLock
 
 DONE = re.compile(r"\(([ts]-[0-9a-f]{16})\): done top1=")  # a run this process trained
@@ -84,7 +84,7 @@ def test_two_processes_share_a_grid_and_train_each_run_once(tiny_recipe, tmp_pat
         assert rec["trained_by"]["pid"] in pids and rec["trained_by"]["attempt"] == 1
     for tid in (r for r in records if r.startswith("t-")):
         state = torch.load(runs / "teachers" / tid / "model.pt", weights_only=True)
-        from kdbench.engine.runner import weights_sha256
+        from kdbench.engine.reproducibility import weights_sha256
 
         assert weights_sha256(state) == records[tid]["weights_sha256"]
 
@@ -94,7 +94,7 @@ def test_student_waits_for_a_teacher_held_by_another_process(tiny_recipe, tmp_pa
     """Another process holds the teacher: the vanilla student (no teacher) runs first, then
     this process waits with a message, then trains the teacher (the other process left no
     record) and the KD student."""
-    monkeypatch.setattr(runner, "WAIT_POLL_S", 0.2)
+    monkeypatch.setattr(queue, "WAIT_POLL_S", 0.2)
     recipe = tiny_recipe()
     main(["run", str(recipe), "--dry-run"])
     teacher_id = re.search(r"train  (t-[0-9a-f]{16})", capsys.readouterr().out).group(1)
@@ -122,13 +122,13 @@ def test_a_run_finished_elsewhere_after_planning_is_not_trained_again(tiny_recip
     recipe = tiny_recipe()
     assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "elsewhere")]) == 0
     capsys.readouterr()
-    check = runner.GridRunner.check_inputs
+    check = runner.check_inputs
 
-    def check_while_the_other_process_finishes(self, specs):
-        check(self, specs)
+    def check_while_the_other_process_finishes(*args, **kwargs):
+        check(*args, **kwargs)
         shutil.copytree(tmp_path / "elsewhere" / "teachers", tmp_path / "runs" / "teachers")
 
-    monkeypatch.setattr(runner.GridRunner, "check_inputs", check_while_the_other_process_finishes)
+    monkeypatch.setattr(runner, "check_inputs", check_while_the_other_process_finishes)
     assert main(["run", str(recipe), "--plain"]) == 0
     err = capsys.readouterr().err
     assert "[ce] seed 0" in err and "done by another process" in err

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.api import Batch, KDModel, MethodSetup, ModelOutput
+from kdbench.api import Batch, KDModel, ModelOutput
+from kdbench.engine.tasks import method_setup
 from kdbench_plugins.students.mlld import MLLD, MLLDParams
 from stand_ins import assert_gradients_route
 
@@ -40,10 +41,8 @@ class TinyNet(KDModel):
 
 
 def make_setup(student_out=None, teacher_out=None, student=None, teacher=None, c=7, n=16):
-    return MethodSetup(student=student, teacher=teacher, student_out=student_out,
-                       teacher_out=teacher_out, num_classes=c, num_train_samples=n,
-                       train_labels=torch.arange(n) % c, image_size=8,
-                       device=torch.device("cpu"))
+    return method_setup(student, teacher, student_out, teacher_out, torch.arange(n) % c, c, 8,
+                        torch.device("cpu"))
 
 
 def out(logits):

@@ -1,5 +1,5 @@
 """Every student method on every paper teacher -> student pair, through the real registry and the
-engine's own pieces (build_model, dummy_forward, MethodSetup as GridRunner._train_student builds
+engine's own pieces (build_model and kdbench.engine.tasks.build_student_task, as a student run builds
 it, StudentTask, DeviceData.train_batches, make_optimizer, autocast): one training step each.
 
 Models are thin copies (``width_mult`` 0.125-0.25: same depth, stages and feature protocol as the
@@ -18,10 +18,12 @@ import math
 import pytest
 import torch
 
-from kdbench.api import ImageData, MethodSetup
+from kdbench.api import ImageData
 from kdbench.data.loader import DeviceData
 from kdbench.engine.loop import autocast, make_optimizer
-from kdbench.engine.runner import StudentTask, build_model, data_generator, dummy_forward
+from kdbench.engine import tasks
+from kdbench.engine.reproducibility import data_generator
+from kdbench.engine.tasks import StudentTask, build_model
 from kdbench.recipe import Schedule
 from conftest import builtin_registry
 
@@ -78,7 +80,7 @@ def tiny_data(size: int, seed: int = 0) -> DeviceData:
     images = torch.randint(0, 256, (NUM_IMAGES, 3, size, size), generator=g, dtype=torch.uint8)
     labels = torch.arange(NUM_IMAGES) % NUM_CLASSES
     data = ImageData(images, labels, NUM_CLASSES, (0.5, 0.48, 0.44), (0.25, 0.24, 0.26))
-    return DeviceData(data, DEVICE)
+    return DeviceData(data, DEVICE, builtin_registry().view_makers())
 
 
 def model_spec(name: str) -> dict:
@@ -94,20 +96,11 @@ def build_teacher(registry, name: str, train: DeviceData):
 
 def build_student_task(registry, student_spec: dict, teacher, method_specs: list[dict],
                        train: DeviceData, device: torch.device) -> StudentTask:
-    """GridRunner._train_student up to ``fit`` (student, MethodSetup, methods, StudentTask),
-    copied line for line (the runner has no function for it; see the report's refactor)."""
+    """The engine's own task builder (kdbench.engine.tasks.build_student_task), as a student
+    run calls it: the student built from its spec, the method specs as the grid writes them."""
     student = build_model(registry, student_spec, train.num_classes).to(device)
-    setup = MethodSetup(student=student, teacher=teacher, student_out=dummy_forward(student, train),
-                        teacher_out=dummy_forward(teacher, train) if teacher is not None else None,
-                        num_classes=train.num_classes, num_train_samples=len(train),
-                        train_labels=train.labels, image_size=int(train.images.shape[-1]),
-                        device=device)
-    methods = []
-    for term in method_specs:
-        plugin = registry.find("student_method", term["name"])
-        method = plugin.factory(plugin.params.model_validate(term["params"]), setup)
-        methods.append((term["name"], term["weight"], method.to(device)))
-    return StudentTask(student, teacher, methods)
+    terms = [(t["name"], t["weight"], t["params"]) for t in method_specs]
+    return tasks.build_student_task(registry, terms, student, teacher, train, device)
 
 
 def method_specs(registry, names: list[str]) -> list[dict]:

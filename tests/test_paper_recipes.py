@@ -162,7 +162,7 @@ def test_shared_teacher_caches_share_teacher_ids(registry):
                  ("tinyimagenet_homogeneous", "tinyimagenet_heterogeneous")):
         la, lb = (load_recipe(RECIPES / f"{n}.toml", registry, False) for n in (a, b))
         assert la.teacher_dir == lb.teacher_dir
-        ids = lambda loaded: {(t.meta["model"], t.meta["objective"], t.spec["seed"]): t.id
+        ids = lambda loaded: {(t.meta.model, t.meta.objective, t.spec["seed"]): t.id
                               for t in expand(loaded, registry)[0]}
         ta, tb = ids(la), ids(lb)
         assert set(ta) == set(tb) and len(ta) == 30  # ResNet50, WRN-40-2, VGG13 x 2 x 5 seeds
@@ -177,12 +177,12 @@ def fake_runs(registry, out: Path):
     store = RunStore(out, out / "teachers")
     for i, t in enumerate(teachers):
         store.write_record("teacher", t.id, {
-            "id": t.id, "kind": "teacher", "status": "done", "spec": t.spec, "meta": t.meta,
+            "id": t.id, "kind": "teacher", "status": "done", "spec": t.spec, "meta": t.meta_dict(),
             "teacher_id": None, "final": {"top1": 70.0 + i % 3}, "best": {"top1": 71.0 + i % 3},
             "diagnostics": {"top1": 70.0, "entropy_T": 1.0}})
     for i, s in enumerate(students):
         store.write_record("student", s.id, {
-            "id": s.id, "kind": "student", "status": "done", "spec": s.spec, "meta": s.meta,
+            "id": s.id, "kind": "student", "status": "done", "spec": s.spec, "meta": s.meta_dict(),
             "teacher_id": s.teacher.id if s.teacher else None,
             "final": {"top1": 50.0 + (i % 7)}, "best": {"top1": 51.0 + (i % 7)}})
     return teachers, students

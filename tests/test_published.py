@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kdbench.api import UserError
-from kdbench.engine.runner import build_model
+from kdbench.engine.tasks import build_model
 from kdbench.published import checkpoint_metadata, load_published_teacher, read_state_dict
 
 torch.set_num_threads(1)

@@ -10,9 +10,9 @@ def test_expansion_counts_and_stable_ids(tiny_recipe, registry):
     teachers, students = expand(loaded, registry)
     assert len(teachers) == 3  # one CE teacher per seed
     assert len(students) == 6  # (Student, KD) x 3 seeds
-    vanilla = [s for s in students if s.meta["method_set"] == "Student"]
+    vanilla = [s for s in students if s.meta.method_set == "Student"]
     assert all(s.teacher is None for s in vanilla)  # the plain student trains no teacher
-    kd = [s for s in students if s.meta["method_set"] == "KD"]
+    kd = [s for s in students if s.meta.method_set == "KD"]
     assert sorted(s.teacher.spec["seed"] for s in kd) == [0, 1, 2]
     # Ids depend on content only: the same recipe gives the same ids, labels do not matter.
     again = expand(load_recipe(tiny_recipe(seeds=(0, 1, 2), name="renamed"), registry), registry)
@@ -38,10 +38,10 @@ methods = [{ name = "kd" }]
     path.write_text(text + extra.replace("teacher_seed = 0\n", ""))
     teachers, students = expand(load_recipe(path, registry), registry)
     assert {t.spec["seed"] for t in teachers} == {0}
-    assert {t.meta["objective"] for t in teachers} == {"ce", "intra"}
-    ours = [s for s in students if s.meta["method_set"] == "Ours-ish"]
-    assert len(ours) == 2 and all(s.teacher.meta["objective"] == "intra" for s in ours)
-    kd = [s for s in students if s.meta["method_set"] == "KD"]
+    assert {t.meta.objective for t in teachers} == {"ce", "intra"}
+    ours = [s for s in students if s.meta.method_set == "Ours-ish"]
+    assert len(ours) == 2 and all(s.teacher.meta.objective == "intra" for s in ours)
+    kd = [s for s in students if s.meta.method_set == "KD"]
     assert len(kd) == 4  # KD has no `teachers` filter: both objectives x 2 seeds
     # default weight from the plugin when the recipe gives none
     assert ours[0].spec["methods"][0]["weight"] == 0.9

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.api import Batch, ModelOutput, ObjectiveSetup
+from kdbench.api import Batch, ModelOutput
+from kdbench.engine.tasks import objective_setup
 from kdbench_plugins.teachers.intra_class import (
     IntraClass,
     IntraClassParams,
@@ -38,8 +39,7 @@ def make_setup(num_classes=3, image_size=4, model=None):
         model.eval()
         out = model(torch.zeros(2, 3, image_size, image_size))
         model.train()
-    return ObjectiveSetup(model=model, model_out=out, num_classes=num_classes,
-                          num_train_samples=100, image_size=image_size, device=torch.device("cpu"))
+    return objective_setup(model, out, num_classes, 100, image_size, torch.device("cpu"))
 
 
 def mo(logits, pooled):

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from kdbench.api import ImageData, MethodSetup, UserError
+from kdbench.api import ImageData, UserError
 from kdbench.data.loader import DeviceData
 from kdbench.engine.loop import autocast
-from kdbench.engine.runner import StudentTask, build_model, data_generator, dummy_forward
+from kdbench.engine.reproducibility import data_generator
+from kdbench.engine.tasks import StudentTask, build_model, build_student_task, dummy_forward
 
 torch.set_num_threads(1)
 
@@ -42,18 +43,10 @@ def build(registry, spec: dict, train: DeviceData):
     return build_model(registry, spec, train.num_classes).to(DEVICE)
 
 
-def student_task(registry, student_spec, teacher, methods: list[tuple[str, float, dict]], train):
-    """GridRunner._train_student up to ``fit``: student, MethodSetup, methods, StudentTask."""
-    student = build(registry, student_spec, train)
-    setup = MethodSetup(student=student, teacher=teacher, student_out=dummy_forward(student, train),
-                        teacher_out=dummy_forward(teacher, train), num_classes=train.num_classes,
-                        num_train_samples=len(train), train_labels=train.labels,
-                        image_size=int(train.images.shape[-1]), device=DEVICE)
-    built = []
-    for name, weight, params in methods:
-        plugin = registry.find("student_method", name)
-        built.append((name, weight, plugin.factory(plugin.params.model_validate(params), setup)))
-    return StudentTask(student, teacher, built)
+def student_task(registry, student_spec, teacher, methods: list[tuple[str, float, dict]], train) -> StudentTask:
+    """A student run's task, from the engine's builder (the student seeded as ``build`` does)."""
+    return build_student_task(registry, methods, build(registry, student_spec, train), teacher,
+                              train, DEVICE)
 
 
 # ------------------------------------------------------------------------------ the protocol

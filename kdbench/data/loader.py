@@ -4,14 +4,13 @@ permutation on the device, and every batch is a gather + batched augmentation + 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 from kdbench.api import Batch, ImageData
-from kdbench.data.augment import (Normalizer, crop_flip, crop_flip_code, draw_crop_flip,
-                                  random_crop_flip)
+from kdbench.data.augment import Normalizer, crop_flip, crop_flip_code, draw_crop_flip
 
 
 def subset_per_class(data: ImageData, per_class: int | None, seed: int = 0) -> ImageData:
@@ -29,17 +28,7 @@ def subset_per_class(data: ImageData, per_class: int | None, seed: int = 0) -> I
     return ImageData(data.images[idx], data.labels[idx], data.num_classes, data.mean, data.std)
 
 
-def _strong_view(images: Tensor, generator: torch.Generator) -> Tensor:
-    from kdbench.data.strong_augment import strong_augment  # only the methods that ask pay for it
-
-    return strong_augment(random_crop_flip(images, generator), generator)
-
-
-# Named extra views a plugin may ask for (``views`` class attribute): uint8 in, uint8 out.
-VIEW_MAKERS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
-    "second": random_crop_flip,
-    "strong": _strong_view,
-}
+ViewMaker = Callable[[Tensor, torch.Generator], Tensor]  # uint8 images in, uint8 images out
 
 
 @dataclass
@@ -61,9 +50,12 @@ class EpochPlan:
 
 
 class DeviceData:
-    """One split on the device with its normaliser."""
+    """One split on the device with its normaliser. ``view_makers`` are the named extra views
+    a task may ask for (the registry's view plugins: :meth:`Registry.view_makers`)."""
 
-    def __init__(self, data: ImageData, device: torch.device):
+    def __init__(self, data: ImageData, device: torch.device,
+                 view_makers: Mapping[str, ViewMaker] | None = None):
+        self.view_makers = dict(view_makers or {})
         self.images = data.images.to(device, non_blocking=True).contiguous()
         self.labels = data.labels.to(device, non_blocking=True)
         self.num_classes = data.num_classes
@@ -96,6 +88,10 @@ class DeviceData:
         kept, as the reference DataLoaders (drop_last=False) do."""
         if plan is not None and views:
             raise ValueError("an epoch with extra views cannot be planned ahead")
+        unknown = [v for v in views if v not in self.view_makers]
+        if unknown:
+            raise ValueError(f"no augmentation view named {unknown} (this data has "
+                             f"{sorted(self.view_makers) or 'none'}; views come from view plugins)")
         draws = iter(plan.batches) if plan is not None else self._draws(batch_size, generator)
         # Unplanned, a batch's crop and flip are drawn (by ``draws``) before its extra views.
         for step, (index, offsets, flips) in enumerate(draws, start=first_step):
@@ -104,7 +100,7 @@ class DeviceData:
                 x=self.normalize(crop_flip(raw, offsets, flips)),
                 y=self.labels[index],
                 index=index,
-                views={v: self.normalize(VIEW_MAKERS[v](raw, generator)) for v in views},
+                views={v: self.normalize(self.view_makers[v](raw, generator)) for v in views},
                 epoch=epoch,
                 epochs=epochs,
                 step=step,

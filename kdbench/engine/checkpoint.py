@@ -67,7 +67,9 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The current device's only: a run trains on one device, and a resume on a machine
+        # with fewer visible GPUs must still find it.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -78,7 +80,10 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before the current-device-only format
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,15 +162,22 @@ class Checkpointer:
                 found.append((int(m.group(1)), p))
         return [p for _, p in sorted(found, reverse=True)]
 
+    def capture_rng(self) -> dict[str, Any] | None:
+        return None if "rng" in self.omit else capture_rng()
+
+    def restore_rng(self, state: dict[str, Any]) -> None:
+        restore_rng(state)
+
     def save(self, *, modules: list[nn.Module], optimizer, scheduler, epoch: int, batch: int,
-             step: int, epoch_gen_state: Tensor, epochs: list[dict], accum: dict | None) -> Path:
+             step: int, epoch_gen_state: Tensor, epochs: list[dict], accum: dict | None,
+             rng_state: dict[str, Any] | None = None) -> Path:
         ckpt = {
             "format": FORMAT,
             "epoch": epoch, "batch": batch, "step": step,
             "modules": [module_state(m, with_buffers="buffers" not in self.omit) for m in modules],
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),  # (no AMP grad scaler: bf16 autocast needs none)
-            "rng": None if "rng" in self.omit else capture_rng(),
+            "rng": rng_state if rng_state is not None else self.capture_rng(),
             "data_generator": epoch_gen_state,
             "epochs": epochs,
             "accum": accum,
@@ -198,7 +210,7 @@ class Checkpointer:
                 scheduler.load_state_dict(ckpt["scheduler"])
                 generator.set_state(ckpt["data_generator"].cpu())
                 if ckpt["rng"] is not None:
-                    restore_rng(ckpt["rng"])
+                    self.restore_rng(ckpt["rng"])
             except Exception as exc:  # a bad file must never crash the run: fall back
                 self.warn(f"checkpoint {path} is unusable ({type(exc).__name__}: "
                           f"{' '.join(str(exc).split())[:200]}); ignoring it")

@@ -6,7 +6,7 @@ by all ranks. Initialised from torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``/``PORT``): NCCL with one GPU per rank (``cuda:LOCAL_RANK``) when the recipe's
 device is CUDA (or auto with a GPU), gloo on the CPU otherwise.
 
-How a step is shared (:class:`DistributedTask`):
+How a step is shared (:func:`distribute_task`):
 
 * Data: every rank holds the whole (device-resident) dataset and draws the same global batch
   from the same generator (same permutation, same augmentation); the recipe's ``batch_size`` stays
@@ -32,7 +32,9 @@ How a step is shared (:class:`DistributedTask`):
   per-slice BatchNorm noise (tests/test_ddp.py states the tolerance); the running statistics
   used for evaluation are rank 0's (DDP broadcasts them each step).
 * Only rank 0 writes records, weights and checkpoints, and takes the per-run locks; it tells the
-  other ranks which run to train next. Every rank resumes from the same checkpoint.
+  other ranks which run to train next. Every rank resumes from the same checkpoint, which holds
+  each rank's RNG state (:class:`RankCheckpointer`). What differs per rank is given to the
+  runner: a read-only store, that checkpointer, silent progress, the collective stop.
 * A stop signal is honoured at the same step on every rank: the ranks compare their stop flags
   every ``STOP_SYNC_STEPS`` steps (a tiny all-reduce), so an interrupted run stops cleanly even if
   only one rank got the signal.
@@ -53,7 +55,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from kdbench.api import ModelOutput
-from kdbench.engine.runner import GridRunner, StudentTask, Summary, TeacherTask
+from kdbench.engine.checkpoint import Checkpointer
+from kdbench.engine.runner import GridRunner, Summary
+from kdbench.engine.signals import StopSignals
+from kdbench.progress import SilentProgress
 from kdbench.store import RunStore
 
 TIMEOUT = timedelta(hours=6)
@@ -148,49 +153,24 @@ def _has_params(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-class DistributedTask:
-    """A task (:class:`TeacherTask` or :class:`StudentTask`) whose step is shared by the ranks
-    (see the module docstring). Modules, evaluation and checkpoints are those of the task."""
+def distribute_task(task, device: torch.device):
+    """Share ``task``'s step between the ranks (see the module docstring): the trained net runs
+    as DDP over :class:`ShardedModel`, methods and objectives with parameters as DDP. The task's
+    modules, evaluation and checkpoints stay the plain modules."""
+    ids = [device.index] if device.type == "cuda" else None
 
-    def __init__(self, task, device: torch.device):
-        self.task = task
-        self.views = task.views
-        self.modules, self.eval_model, self.epoch_stats = task.modules, task.eval_model, task.epoch_stats
-        if hasattr(task, "stateful_modules"):
-            self.stateful_modules = task.stateful_modules
-        # Every rank plans the same epoch and fills the same teacher logit cache entries.
-        self.plans_epochs = getattr(task, "plans_epochs", False)
-        self.start_epoch = getattr(task, "start_epoch", None)
-        ids = [device.index] if device.type == "cuda" else None
+    def net(model):
+        if device.type == "cuda":  # in place: the parameters and buffers stay the same tensors
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DDP(ShardedModel(model), device_ids=ids)
 
-        def net(model):
-            if device.type == "cuda":  # in place: the parameters and buffers stay the same tensors
-                nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            return DDP(ShardedModel(model), device_ids=ids)
+    def extra(module):
+        if not _has_params(module):
+            return module
+        # (no device_ids: its inputs are already on the device and need no moving)
+        return DDP(module, broadcast_buffers=False, find_unused_parameters=True)
 
-        def extra(module):
-            if not _has_params(module):
-                return module
-            # (no device_ids: its inputs are already on the device and need no moving)
-            return DDP(module, broadcast_buffers=False, find_unused_parameters=True)
-
-        if isinstance(task, StudentTask):
-            self.swaps = {"student": net(task.student),
-                          "methods": [(n, w, extra(m)) for n, w, m in task.methods]}
-        elif isinstance(task, TeacherTask):
-            self.swaps = {"model": net(task.model), "objective": extra(task.objective)}
-        else:
-            raise TypeError(f"no distributed step for {type(task).__name__}")
-
-    def loss_terms(self, batch):
-        saved = {k: getattr(self.task, k) for k in self.swaps}
-        for k, v in self.swaps.items():
-            setattr(self.task, k, v)
-        try:
-            return self.task.loss_terms(batch)
-        finally:
-            for k, v in saved.items():
-                setattr(self.task, k, v)
+    return task.distribute(net, extra)
 
 
 class CollectiveStop:
@@ -224,9 +204,9 @@ class CollectiveStop:
 
 
 # ------------------------------------------------------------------------------------------------
-# The grid
+# What each rank does differently: store, checkpoints, progress
 # ------------------------------------------------------------------------------------------------
-class _ReadOnlyStore(RunStore):
+class ReadOnlyStore(RunStore):
     """Ranks other than 0 read the store but never write it."""
 
     def write_record(self, kind, run_id, record):
@@ -236,27 +216,50 @@ class _ReadOnlyStore(RunStore):
         pass
 
 
-class _Quiet:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
+class RankCheckpointer(Checkpointer):
+    """Checkpoints of a run trained by every rank: each rank's RNG state is gathered into the one
+    file rank 0 writes (the ranks' CUDA generators differ: each rank draws on its own device),
+    and on resume every rank restores its own. The other ranks read checkpoints, never write or
+    delete them."""
 
-    def __enter__(self):
-        return self
+    def save(self, **kwargs):
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, self.capture_rng())
+        if dist.get_rank() != 0:
+            return None
+        return super().save(rng_state={"per_rank": states}, **kwargs)
 
-    def __exit__(self, *exc):
-        return False
+    def restore_rng(self, state) -> None:
+        if "per_rank" not in state:
+            raise ValueError("it holds one process's RNG state, not each rank's")
+        states = state["per_rank"]
+        if len(states) != dist.get_world_size():
+            raise ValueError(f"it was written by {len(states)} ranks, not {dist.get_world_size()}")
+        super().restore_rng(states[dist.get_rank()])
+
+    def clear(self) -> None:
+        if dist.get_rank() == 0:
+            super().clear()
 
 
+# ------------------------------------------------------------------------------------------------
+# The grid
+# ------------------------------------------------------------------------------------------------
 class DistributedGridRunner(GridRunner):
     """The grid under torchrun: rank 0 plans, locks and records as :class:`GridRunner` does and
     tells the other ranks which run to train; every run is trained by all ranks together."""
 
     def __init__(self, loaded, registry, progress, device: str | None = None, **kwargs):
         self.rank, self.world, name = init_from_env(device or loaded.recipe.device)
-        super().__init__(loaded, registry, progress if self.rank == 0 else _Quiet(), device=name, **kwargs)
-        self._stop = CollectiveStop(self._stop, self.device)
+        device = torch.device(name)
+        store = RunStore(loaded.output_dir, loaded.teacher_dir)
         if self.rank != 0:
-            self.store = _ReadOnlyStore(self.store.output_dir, self.store.teacher_dir)
+            store = ReadOnlyStore(store.output_dir, store.teacher_dir)
+        super().__init__(loaded, registry, progress if self.rank == 0 else SilentProgress(),
+                         device=name, store=store, checkpointer=RankCheckpointer,
+                         stop=CollectiveStop(StopSignals(), device),
+                         wrap_task=lambda task: distribute_task(task, device),
+                         world_size=self.world, **kwargs)
 
     def _command(self, run_id: str | None = None) -> str | None:
         """Rank 0 sends the id of the next run (None: no more); the others receive it."""
@@ -273,23 +276,14 @@ class DistributedGridRunner(GridRunner):
                     self._command(None)
             specs = {s.id: s for s in self.teachers + self.students}
             summary = Summary()
-            with self._stop:
+            with self.stop:
                 while (run_id := self._command()) is not None:
-                    self._run_one(specs[run_id], summary)
+                    super().run_one(specs[run_id], summary)
             return summary
         finally:
             dist.barrier()
             dist.destroy_process_group()
 
-    def _run_one(self, spec, summary):
-        if self.rank == 0:
-            self._command(spec.id)
-        return super()._run_one(spec, summary)
-
-    def _fit(self, task, spec, checkpointer):
-        if self.rank != 0:
-            checkpointer.save = lambda **kw: None
-            checkpointer.clear = lambda: None
-        result = super()._fit(DistributedTask(task, self.device), spec, checkpointer)
-        self._trained_by["world_size"] = self.world
-        return result
+    def run_one(self, spec, summary):
+        self._command(spec.id)  # rank 0 (the others call GridRunner.run_one from run())
+        return super().run_one(spec, summary)

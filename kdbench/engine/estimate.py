@@ -42,14 +42,15 @@ def _cost_key(spec: RunSpec) -> str:
 
 def _time_steps(runner, spec: RunSpec, steps: int) -> float:
     """Median seconds per training step of ``spec``'s task on the runner's device."""
-    train, _ = runner.data()
+    trainer = runner.trainer
+    train, _ = trainer.data()
     if spec.kind == "teacher":
-        task = runner.teacher_task(spec)
+        task = trainer.teacher_task(spec)
     else:
         teacher = None
         if spec.teacher is not None:
-            teacher = runner._build(spec.teacher.spec["model"]).eval().requires_grad_(False)
-        task = runner.student_task(spec, teacher)
+            teacher = trainer.build_for(spec.teacher).eval().requires_grad_(False)
+        task = trainer.student_task(spec, teacher)
     schedule = Schedule(**spec.spec["schedule"])
     params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
     optimizer, _ = make_optimizer(params, schedule, runner.device)

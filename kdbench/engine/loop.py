@@ -24,9 +24,16 @@ from kdbench.engine.checkpoint import Checkpointer
 
 
 class Task(Protocol):
-    views: tuple[str, ...]
+    """Everything :func:`fit` reads of what it trains (built by :mod:`kdbench.engine.tasks`)."""
+
+    views: tuple[str, ...]  # extra augmented views each batch must carry (see Batch.views)
+    plans_epochs: bool  # True: fit() draws each epoch's batches up front and calls start_epoch
 
     def modules(self) -> list[nn.Module]: ...  # trained (train mode, in the optimizer)
+
+    def stateful_modules(self) -> list[nn.Module]: ...  # checkpointed (modules() and more)
+
+    def start_epoch(self, plan) -> None: ...  # the epoch's EpochPlan, when plans_epochs
 
     def loss_terms(self, batch: Batch) -> tuple[dict[str, Tensor], Tensor]: ...
 
@@ -176,7 +183,7 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
     after every step: if set, a checkpoint is written and :class:`Interrupted` raised."""
     params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, schedule, device)
-    stateful = getattr(task, "stateful_modules", task.modules)()
+    stateful = task.stateful_modules()
     resume = None
     if checkpointer is not None:
         resume = checkpointer.restore(modules=stateful, optimizer=optimizer, scheduler=scheduler,
@@ -213,7 +220,7 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
                               epochs=result.epochs, accum=acc if mid_epoch else None)
 
         plan = None
-        if getattr(task, "plans_epochs", False):  # the task looks at the epoch's draws first
+        if task.plans_epochs:  # the task looks at the epoch's draws first
             plan = train.epoch_plan(schedule.batch_size, generator)
             task.start_epoch(plan)
         batches = train.train_batches(schedule.batch_size, generator, task.views, epoch,

@@ -11,8 +11,45 @@ same records; the per-run locks keep two processes from training one run.
 """
 from __future__ import annotations
 
-LAUNCHERS = ("inline", "local", "slurm")
+from dataclasses import dataclass
+from typing import Callable
+
 LAUNCHER_ENV = "KDBENCH_LAUNCHER"  # set for the processes a launcher starts (for the record)
+
+
+@dataclass(frozen=True)
+class Launcher:
+    help: str
+    run: Callable[..., int]  # (args, loaded, registry) -> the ``kdbench run`` exit status
+
+
+def _inline(args, loaded, registry) -> int:
+    from kdbench.launchers.inline import run_inline
+
+    return run_inline(args, loaded, registry)
+
+
+def _local(args, loaded, registry) -> int:
+    from kdbench.launchers.local import parse_devices, run_local
+
+    only = [a for run_id in args.run_id or [] for a in ("--run-id", run_id)]
+    return run_local(loaded, registry, parse_devices(args.devices, args.workers),
+                     passthrough_args(args) + only, plain=args.plain,
+                     retry_diverged=args.retry_diverged, only=args.run_id)
+
+
+def _slurm(args, loaded, registry) -> int:
+    from kdbench.launchers.slurm import run_slurm
+
+    return run_slurm(loaded, registry, args)
+
+
+# The one list of launchers: ``kdbench run --launcher``'s choices and the recipe's ``launcher``.
+LAUNCHERS: dict[str, Launcher] = {
+    "inline": Launcher("this process trains the grid, one run after the other (default)", _inline),
+    "local": Launcher("a worker process per device on this machine", _local),
+    "slurm": Launcher("Slurm job arrays, one job per run, through submitit", _slurm),
+}
 
 
 def passthrough_args(args) -> list[str]:
@@ -30,16 +67,5 @@ def passthrough_args(args) -> list[str]:
 
 
 def launch(name: str, args, loaded, registry) -> int:
-    """Run the grid with launcher ``name`` (not ``inline``); the ``kdbench run`` exit status."""
-    if name == "local":
-        from kdbench.launchers.local import parse_devices, run_local
-
-        only = [a for run_id in args.run_id or [] for a in ("--run-id", run_id)]
-        return run_local(loaded, registry, parse_devices(args.devices, args.workers),
-                         passthrough_args(args) + only, plain=args.plain,
-                         retry_diverged=args.retry_diverged, only=args.run_id)
-    if name == "slurm":
-        from kdbench.launchers.slurm import run_slurm
-
-        return run_slurm(loaded, registry, args)
-    raise ValueError(f"unknown launcher {name!r}")
+    """Run the grid with launcher ``name``; the ``kdbench run`` exit status."""
+    return LAUNCHERS[name].run(args, loaded, registry)

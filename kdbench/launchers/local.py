@@ -45,7 +45,7 @@ def parse_devices(devices: str | None, workers: int | None) -> list[str]:
     without either, one worker per CUDA device."""
     import torch
 
-    from kdbench.engine.runner import resolve_device
+    from kdbench.engine.device import resolve_device
 
     if devices and workers:
         raise UserError("give either --devices or --workers, not both")

@@ -1,5 +1,7 @@
-"""A cache of a frozen teacher's logits under the standard crop+flip augmentation (exact up to
-the rounding of the batch shape: see Exactness below).
+"""The teacher logit cache: a frozen teacher's logits under the standard crop+flip augmentation,
+kept in a table (exact up to the rounding of the batch shape: see Exactness below). Not to be
+confused with the recipe's ``teacher_cache``, the folder of trained teachers; the recipe key of
+this one is ``teacher_logit_cache``.
 
 With ``RandomCrop(padding=4)`` + ``RandomHorizontalFlip`` every training image has only
 (2·4 + 1)² · 2 = 162 distinct views, and an eval-mode teacher's logits for a view never change.
@@ -86,3 +88,56 @@ class TeacherLogitCache:
     def stats(self) -> dict:
         return {"entries_computed": self.computed, "entries_served": self.served,
                 "teacher_forwards_saved": (1 - self.computed / self.served) if self.served else 0.0}
+
+
+class LogitCacheKeeper:
+    """The logit cache's lifetime over a grid: one table is kept, that of the current student's
+    teacher and batch size (the runner trains a teacher's students back to back); a student of
+    another teacher frees it first. The table outlives each student, the teacher reference
+    does not (:meth:`release`)."""
+
+    def __init__(self, device: torch.device, precision: str):
+        from kdbench.engine.loop import autocast, autocast_dtype
+
+        self.device, self.precision = device, precision
+        self.dtype = autocast_dtype(device, precision) or torch.float32
+        self._amp = lambda: autocast(device, precision)
+        self._current: tuple[tuple, TeacherLogitCache] | None = None
+
+    def attach(self, teacher_id: str, batch_size: int, task, data: DeviceData):
+        """Give ``task`` (a StudentTask) the table of ``teacher_id`` if its method set allows it.
+        Returns a callable giving the record's ``teacher_logit_cache`` entry."""
+        key = (teacher_id, batch_size)  # chunks have the step's batch shape
+        shared = self._current is not None and self._current[0] == key
+        if not shared:
+            self._current = None  # free the previous teacher's table first
+        blocker = task.logit_cache_blocker()
+        if blocker is None and not shared:
+            try:
+                self._current = (key, TeacherLogitCache(data, data.num_classes, self.dtype,
+                                                        batch_size, self._amp))
+            except (torch.OutOfMemoryError, RuntimeError) as exc:  # the CPU's is a RuntimeError
+                if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in str(exc):
+                    raise
+                size = num_crop_flip_codes() * len(data) * data.num_classes * self.dtype.itemsize
+                blocker = f"no room on {self.device} for the table ({size / 2**30:.1f} GiB)"
+        if blocker is not None:
+            return lambda: {"used": False, "why_not": blocker}
+        cache = self._current[1]
+        cache.teacher = task.teacher  # the same weights, loaded for this student
+        before = cache.stats()
+        task.use_logit_cache(cache)
+
+        def report() -> dict:
+            after = cache.stats()
+            computed = after["entries_computed"] - before["entries_computed"]
+            served = after["entries_served"] - before["entries_served"]
+            return {"used": True, "shared_with_earlier_student": shared, "table_bytes": cache.nbytes,
+                    "entries_computed": computed, "entries_served": served,
+                    "teacher_forwards_saved": round(1 - computed / served, 6) if served else 0.0}
+        return report
+
+    def release(self) -> None:
+        """After a student: the table stays, its teacher can go."""
+        if self._current is not None:
+            self._current[1].teacher = None

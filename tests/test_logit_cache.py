@@ -1,4 +1,4 @@
-"""The teacher logit cache (kdbench/engine/teacher_cache.py), epoch plans, and the frozen
+"""The teacher logit cache (kdbench/engine/logit_cache.py), epoch plans, and the frozen
 teacher's one-time cast to the autocast dtype."""
 import json
 from pathlib import Path
@@ -11,8 +11,8 @@ from kdbench.api import ImageData, ModelOutput
 from kdbench.cli import main
 from kdbench.data.augment import crop_flip_code, crop_flip_decode, num_crop_flip_codes
 from kdbench.data.loader import DeviceData
-from kdbench.engine.runner import StudentTask, build_model, cast_teacher_once
-from kdbench.engine.teacher_cache import TeacherLogitCache
+from kdbench.engine.logit_cache import TeacherLogitCache
+from kdbench.engine.tasks import StudentTask, build_model, build_student_task, cast_teacher_once, dummy_forward
 
 CPU = torch.device("cpu")
 
@@ -174,11 +174,11 @@ def test_students_of_a_teacher_run_back_to_back_and_share_its_table(tiny_recipe,
     cache each teacher's two students run one after the other, the second reusing the table."""
     recipe = tiny_recipe(seeds=(0, 1), extra=TWO_KD_SETS)
     recipe.write_text(recipe.read_text().replace("seeds = [0, 1]", "seeds = [0, 1]\nteacher_logit_cache = true"))
-    from kdbench.engine import runner
+    from kdbench.engine import trainer
 
     order = []
-    real = runner.GridRunner._train_student
-    monkeypatch.setattr(runner.GridRunner, "_train_student",
+    real = trainer.RunTrainer._train_student
+    monkeypatch.setattr(trainer.RunTrainer, "_train_student",
                         lambda self, spec, ckpt: order.append(spec.teacher and spec.teacher.id) or real(self, spec, ckpt))
     assert main(["run", str(recipe), "--plain"]) == 0
     recs = [r for r in _records(tmp_path / "runs").values() if r["meta"]["method_set"] != "Student"]
@@ -190,11 +190,11 @@ def test_students_of_a_teacher_run_back_to_back_and_share_its_table(tiny_recipe,
 
 
 def test_a_table_that_does_not_fit_leaves_the_teacher_live(tiny_recipe, tmp_path, monkeypatch):
-    from kdbench.engine import runner
+    from kdbench.engine import logit_cache
 
     def no_room(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
-    monkeypatch.setattr(runner, "TeacherLogitCache", no_room)
+    monkeypatch.setattr(logit_cache, "TeacherLogitCache", no_room)
     recipe = tiny_recipe()
     recipe.write_text(recipe.read_text().replace("seeds = [0]", "seeds = [0]\nteacher_logit_cache = true"))
     assert main(["run", str(recipe), "--plain"]) == 0

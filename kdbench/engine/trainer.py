@@ -1,0 +1,161 @@
+"""Training one run of the grid: its models and task, ``fit``, and the result record's body.
+
+:class:`RunTrainer` knows how a teacher or a student run is trained (seeding, the task from
+:mod:`kdbench.engine.tasks`, the teacher logit cache, ``fit``) and what its finished record holds
+(results, the weights' fingerprint, a teacher's weights file and soft-label diagnostics, a
+published teacher's provenance). Scheduling, locks and the outcome records of failed, diverged
+or interrupted runs are elsewhere (:mod:`kdbench.engine.queue`, :mod:`kdbench.engine.recorder`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdbench.data.loader import DeviceData, subset_per_class
+from kdbench.diagnostics import teacher_diagnostics
+from kdbench.engine.checkpoint import Checkpointer
+from kdbench.engine.logit_cache import LogitCacheKeeper
+from kdbench.engine.loop import autocast, evaluate, fit
+from kdbench.engine.reproducibility import data_generator, seed_everything, weights_sha256
+from kdbench.engine.tasks import (StudentTask, TeacherTask, build_model, build_student_task,
+                                  build_teacher_task, place_model)
+
+
+def load_data(loaded, registry, device: torch.device, view_makers=None) -> tuple[DeviceData, DeviceData]:
+    """The recipe's dataset (train, test) on ``device``, with its per-class subsets."""
+    ds = loaded.recipe.dataset
+    plugin = registry.find("dataset", ds.name)
+    params = loaded.plugin_params(registry)[("dataset",)]
+    train = subset_per_class(plugin.factory(params, "train"), ds.subset_per_class)
+    test = subset_per_class(plugin.factory(params, "test"), ds.test_subset_per_class)
+    return (DeviceData(train, device, view_makers), DeviceData(test, device, view_makers))
+
+
+class RunTrainer:
+    """Trains runs of one recipe on one device. ``base_record(spec, status)`` (from the
+    recorder) starts each record; ``store`` keeps teachers' weights; ``wrap_task`` lets a
+    distributed runner share each step between ranks."""
+
+    def __init__(self, loaded, registry, device: torch.device, store, progress, stop_requested,
+                 base_record: Callable[..., dict],
+                 wrap_task: Callable[[object], object] = lambda task: task):
+        self.loaded, self.recipe, self.registry = loaded, loaded.recipe, registry
+        self.device, self.store, self.progress = device, store, progress
+        self.stop_requested, self.base_record, self.wrap_task = stop_requested, base_record, wrap_task
+        self.logit_cache = LogitCacheKeeper(device, self.recipe.precision)
+        self._data: tuple[DeviceData, DeviceData] | None = None
+        self.resumed_from: dict | None = None  # where the last fit() resumed (for trained_by)
+
+    # ------------------------------------------------------------------ data and models
+    def data(self) -> tuple[DeviceData, DeviceData]:
+        if self._data is None:
+            self._data = load_data(self.loaded, self.registry, self.device,
+                                   self.registry.view_makers())
+        return self._data
+
+    def build_for(self, spec) -> nn.Module:
+        """``spec``'s model on the training device (channels_last on CUDA, compiled if the
+        recipe asks), from its validated parameters."""
+        train, _ = self.data()
+        model = build_model(self.registry, spec.spec["model"], train.num_classes, spec.params.get("model"))
+        return place_model(model, self.device, self.recipe.compile)
+
+    def teacher_task(self, spec) -> TeacherTask:
+        """The teacher and its objective, built as training uses them (also for calibration)."""
+        train, _ = self.data()
+        return build_teacher_task(self.registry, spec.objective_term(), self.build_for(spec),
+                                  train, self.device)
+
+    def student_task(self, spec, teacher: nn.Module | None) -> StudentTask:
+        """The student, its methods (built from the real shapes) and the frozen teacher, cast
+        once to the autocast dtype (not with compile)."""
+        train, _ = self.data()
+        return build_student_task(self.registry, spec.method_terms(), self.build_for(spec), teacher,
+                                  train, self.device, self.recipe.precision,
+                                  cast_teacher=not self.recipe.compile)
+
+    def load_teacher(self, spec) -> nn.Module:
+        model = self.build_for(spec)
+        model.load_state_dict(self.store.load_weights(spec.id, self.device))
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    # ------------------------------------------------------------------ training
+    def train(self, spec, checkpointer: Checkpointer) -> dict:
+        """Train ``spec`` (resuming from ``checkpointer``); its finished record."""
+        self.resumed_from = None
+        if spec.kind == "teacher":
+            return self._published_teacher(spec) if "checkpoint" in spec.spec else self._train_teacher(spec, checkpointer)
+        return self._train_student(spec, checkpointer)
+
+    def _fit(self, task, spec, checkpointer: Checkpointer):
+        from kdbench.recipe import Schedule
+
+        train, test = self.data()
+        result = fit(self.wrap_task(task), Schedule(**spec.spec["schedule"]), train, test, self.device,
+                     self.recipe.precision, data_generator(spec.spec["seed"], self.device),
+                     self.progress, self.recipe.eval_batch_size, checkpointer=checkpointer,
+                     stop_requested=self.stop_requested)
+        self.resumed_from = result.resumed_from
+        return result
+
+    def _train_teacher(self, spec, checkpointer: Checkpointer) -> dict:
+        seed_everything(spec.spec["seed"], self.recipe.deterministic)
+        task = self.teacher_task(spec)
+        result = self._fit(task, spec, checkpointer)
+        return self._finished_teacher(spec, task.model, epochs=result.epochs, final=result.final,
+                                      best=result.best)
+
+    def _published_teacher(self, spec) -> dict:
+        """A teacher loaded from a checkpoint file: nothing is trained; its accuracy is measured
+        here, not taken from the file."""
+        from kdbench.published import checkpoint_metadata, load_published_teacher
+
+        _, test = self.data()
+        model = self.build_for(spec)
+        path = spec.spec["checkpoint"]["path"]
+        load_published_teacher(path, model)
+        metrics = evaluate(model, test, self.recipe.eval_batch_size, self.device, self.recipe.precision)
+        result = {"top1": metrics["test_top1"], "top5": metrics["test_top5"], "epoch": 0}
+        record = self._finished_teacher(spec, model, epochs=[], final=result, best=result)
+        record["published"] = checkpoint_metadata(path)
+        return record
+
+    def _finished_teacher(self, spec, model: nn.Module, **results) -> dict:
+        """Save a finished teacher's weights; its record, with the soft-label diagnostics."""
+        _, test = self.data()
+        self.store.save_weights(spec.id, model.state_dict())
+        record = self.base_record(spec, "done")
+        record.update(**results, weights_sha256=weights_sha256(model.state_dict()))
+        with autocast(self.device, self.recipe.precision):
+            record["diagnostics"] = teacher_diagnostics(
+                model, test.eval_batches(self.recipe.eval_batch_size),
+                temperature=self.recipe.diagnostics_temperature)
+        return record
+
+    def _train_student(self, spec, checkpointer: Checkpointer) -> dict:
+        teacher = self.load_teacher(spec.teacher) if spec.teacher else None
+        seed_everything(spec.spec["seed"], self.recipe.deterministic)
+        task = self.student_task(spec, teacher)
+        cache_report = None
+        if self.recipe.teacher_logit_cache and spec.teacher is not None:
+            cache_report = self.logit_cache.attach(spec.teacher.id, spec.spec["schedule"]["batch_size"],
+                                                   task, self.data()[0])
+        try:
+            result = self._fit(task, spec, checkpointer)
+        finally:
+            self.logit_cache.release()
+        record = self.base_record(spec, "done")
+        record.update(epochs=result.epochs, final=result.final, best=result.best,
+                      weights_sha256=weights_sha256(task.student.state_dict()))
+        if teacher is not None:
+            record["teacher_cast_once"] = bool(task.teacher_cast_once)
+        if cache_report is not None:
+            record["teacher_logit_cache"] = cache_report()
+        if spec.teacher is not None:
+            trec = self.store.record("teacher", spec.teacher.id) or {}
+            record["teacher_final"] = trec.get("final")
+        return record

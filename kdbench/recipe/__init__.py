@@ -1,0 +1,180 @@
+"""TOML recipe -> typed, validated recipe -> run specs.
+
+Three parts: :mod:`~kdbench.recipe.schema` (the keys kdbench reads), :mod:`~kdbench.recipe.grid`
+(the runs a recipe means) and :mod:`~kdbench.recipe.errors` (problems as messages a user can act
+on). Loading (here) validates before any training and reports every problem at once, each with
+the recipe path, the line of the key, the key path and a fix ("did you mean ..."). Plugin
+parameters are written inline next to the core keys of their table and validated once, by the
+plugin's own config model, e.g. ``{ name = "kd", weight = 0.9, temperature = 4 }``; the
+validated objects travel on to the grid and the engine.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from kdbench.api import Params, UserError
+from kdbench.recipe.errors import Locator, RecipeError, describe, dotted
+from kdbench.recipe.grid import SPEC_VERSION, RunSpec, StudentMeta, TeacherMeta, expand
+from kdbench.recipe.schema import (DatasetSpec, MethodSet, MethodTerm, ModelRef, Pair, Recipe,
+                                   Reference, Schedule, TeacherObjectiveSpec)
+from kdbench.registry import Registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["LoadedRecipe", "RecipeError", "RunSpec", "StudentMeta", "TeacherMeta", "SPEC_VERSION",
+           "expand", "load_recipe", "Recipe", "Schedule", "Pair", "ModelRef", "DatasetSpec",
+           "MethodSet", "MethodTerm", "Reference", "TeacherObjectiveSpec"]
+
+
+@dataclass
+class LoadedRecipe:
+    path: Path
+    recipe: Recipe
+    text: str
+    # Validated plugin parameters by key path (("pairs", 0, "teacher"), ("method_sets", 1,
+    # "methods", 0), ...), as the recipe check produced them.
+    params: dict[tuple, Params] = field(default_factory=dict, repr=False)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output or f"runs/{self.path.stem}")
+
+    @property
+    def teacher_dir(self) -> Path:
+        return Path(self.recipe.teacher_cache) if self.recipe.teacher_cache else self.output_dir / "teachers"
+
+    def plugin_tables(self):
+        """(kind, key path, table) of every table of the recipe that names a plugin."""
+        r = self.recipe
+        yield "dataset", ("dataset",), r.dataset
+        for i, pair in enumerate(r.pairs):
+            yield "model", ("pairs", i, "teacher"), pair.teacher
+            yield "model", ("pairs", i, "student"), pair.student
+        for i, obj in enumerate(r.teacher_objectives):
+            yield "teacher_objective", ("teacher_objectives", i), obj
+        for i, ms in enumerate(r.method_sets):
+            for j, term in enumerate(ms.methods):
+                yield "student_method", ("method_sets", i, "methods", j), term
+
+    def plugin_params(self, registry: Registry) -> dict[tuple, Params]:
+        """Every plugin table's validated parameters: those the check produced, and (for tables
+        it did not see, such as the default ``ce`` objective) validated now."""
+        out = {}
+        for kind, path, table in self.plugin_tables():
+            out[path] = self.params.get(path) or registry.find(kind, table.name).params.model_validate(table.params)
+        return out
+
+
+def load_recipe(path: str | Path, registry: Registry, check_device: bool = True) -> LoadedRecipe:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: recipe file not found (check the path)")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a .toml recipe file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc})") from None
+    if not text.strip():
+        raise UserError(f"{path}: the recipe is empty (see recipes/smoke.toml for a complete example)")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+
+    locate = Locator(text)
+    problems: list[str] = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [describe(err, raw, locate, Recipe) for err in exc.errors()]
+    # Plugin names and parameters are checked on the raw tables, so that they are reported
+    # together with any schema problem elsewhere in the file.
+    validated: dict[tuple, Params] = {}
+    problems += _check_plugins(raw, registry, locate, validated)
+    for i, obj in enumerate(raw.get("teacher_objectives") or []):
+        ckpt = obj.get("checkpoint") if isinstance(obj, dict) else None
+        if isinstance(ckpt, str) and not Path(ckpt).is_file():
+            key = ("teacher_objectives", i, "checkpoint")
+            problems.append(f"{locate(key)}{dotted(key)}: teacher checkpoint {ckpt!r} not found "
+                            "(relative paths start at the current directory)")
+    if check_device and isinstance(raw.get("device", "auto"), str):
+        problems += _check_device(raw.get("device", "auto"), locate)
+    if problems or recipe is None:
+        raise RecipeError(path, list(dict.fromkeys(problems)))
+    return LoadedRecipe(path, recipe, text, validated)
+
+
+def _check_device(device: str, locate: Locator) -> list[str]:
+    import torch
+
+    where = locate(("device",))
+    if device in ("auto", "cpu"):
+        return []
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        return [f"{where}device = {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"]
+    if not torch.cuda.is_available():
+        return [f"{where}device = {device!r}, but no CUDA device is available here; "
+                "use device = 'cpu' or 'auto'"]
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        return [f"{where}device = {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist"]
+    return []
+
+
+def _check_plugins(raw: dict, registry: Registry, locate: Locator, validated: dict) -> list[str]:
+    """Problems with the plugin tables of ``raw``; each valid table's parameters go into
+    ``validated`` by key path."""
+    problems = []
+    views = registry.view_makers()
+
+    def check(kind: str, table: Any, path: tuple, spec: type[BaseModel]):
+        if isinstance(table, str) and kind == "model":
+            table = {"name": table}
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            return  # the schema check reports it
+        try:
+            plugin = registry.find(kind, table["name"])
+        except UserError as exc:
+            problems.append(f"{locate(path + ('name',))}{dotted(path + ('name',))}: {exc}")
+            return
+        params = {k: v for k, v in table.items() if k not in spec.model_fields}
+        try:
+            validated[path] = plugin.params.model_validate(params)
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append(describe(err, params, locate, plugin.params, prefix=path,
+                                         extra_keys=set(spec.model_fields), plugin=plugin.name))
+        for view in getattr(plugin.factory, "views", ()):  # read before the plugin is built
+            if view not in views:
+                where = f"{locate(path + ('name',))}{dotted(path + ('name',))}"
+                problems.append(f"{where}: {kind.replace('_', ' ')} {plugin.name!r} asks for the "
+                                f"augmentation view {view!r}, which no installed view plugin registers "
+                                f"(known views: {', '.join(sorted(views)) or 'none'})")
+
+    def items(key):
+        value = raw.get(key)
+        return list(enumerate(value)) if isinstance(value, list) else []
+
+    check("dataset", raw.get("dataset"), ("dataset",), DatasetSpec)
+    for i, pair in items("pairs"):
+        for role in ("teacher", "student"):
+            if isinstance(pair, dict):
+                check("model", pair.get(role), ("pairs", i, role), ModelRef)
+    for i, obj in items("teacher_objectives"):
+        check("teacher_objective", obj, ("teacher_objectives", i), TeacherObjectiveSpec)
+    for i, ms in items("method_sets"):
+        methods = ms.get("methods") if isinstance(ms, dict) else None
+        for j, term in enumerate(methods if isinstance(methods, list) else []):
+            check("student_method", term, ("method_sets", i, "methods", j), MethodTerm)
+    return problems

@@ -1,0 +1,160 @@
+"""The recipe's schema: the TOML keys kdbench itself reads, with their types and defaults.
+Tables that name a plugin allow extra keys: those are the plugin's parameters, validated by the
+plugin's own model (:func:`kdbench.recipe.load_recipe`)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # strict: "2" is not an integer and "yes" is not a boolean (ints still pass as floats).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _WithPluginParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelRef(_WithPluginParams):
+    name: str
+    label: str | None = None
+
+
+class Pair(_Strict):
+    teacher: ModelRef
+    student: ModelRef
+    label: str | None = None
+    ref_teacher: str | None = Field(None, description="teacher name in the reference table")
+    ref_student: str | None = Field(None, description="student name in the reference table")
+
+    @field_validator("teacher", "student", mode="before")
+    @classmethod
+    def _short(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @property
+    def display(self) -> str:
+        return self.label or f"{self.teacher.label or self.teacher.name}→{self.student.label or self.student.name}"
+
+
+class DatasetSpec(_WithPluginParams):
+    name: str
+    subset_per_class: int | None = Field(None, gt=0)
+    test_subset_per_class: int | None = Field(None, gt=0)
+    label: str | None = None
+
+
+class TeacherObjectiveSpec(_WithPluginParams):
+    name: str
+    label: str | None = None
+    checkpoint: str | None = Field(None, description="load this published teacher instead of "
+                                   "training one (RepDistiller/mdistiller layouts accepted)")
+    ref_teacher: bool = Field(False, description="these teachers are the reference table's "
+                              "teacher row (the paper's teachers are CE-trained); not part of run ids")
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class MethodTerm(_WithPluginParams):
+    name: str
+    weight: float | None = Field(None, ge=0)
+
+
+class MethodSet(_Strict):
+    label: str | None = None
+    methods: list[MethodTerm] = Field(min_length=1)
+    teachers: list[str] | None = Field(None, description="labels of the teacher objectives to use")
+    ref_method: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or "+".join(m.name for m in self.methods)
+
+
+class Schedule(_Strict):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v):
+        if any(m <= 0 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be positive epochs in increasing order")
+        return v
+
+
+class Reference(_Strict):
+    table: str
+    dataset: str
+    file: str | None = None  # default: the paper's tables shipped with kdbench
+
+
+class Recipe(_Strict):
+    name: str | None = None
+    output: str | None = None
+    teacher_cache: str | None = None  # a folder of trained teachers shared between recipes
+    device: str = "auto"
+    launcher: str = Field("inline", description="how the grid is run (kdbench run --launcher; "
+                          "kdbench.launchers.LAUNCHERS); not part of run ids")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = Field(False, description="torch.compile the nets' forward (CUDA); not part "
+                          "of run ids, since it changes speed, not the computation")
+    deterministic: bool = False
+    teacher_logit_cache: bool = Field(
+        False, description="serve a frozen teacher's logits from an exact per-view cache to "
+        "method sets that read only logits (kdbench/engine/logit_cache.py; not the same thing as "
+        "teacher_cache, the folder of trained teachers); not part of run ids")
+    checkpoint_every_steps: int | None = Field(None, gt=0, description="also checkpoint every N "
+                                               "steps (always at every epoch's end); not part of run ids")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    teacher_seed: int | None = None
+    report: Literal["final", "best"] = "final"
+    eval_batch_size: int = Field(512, gt=0)
+    diagnostics_temperature: float = Field(4.0, gt=0)
+    dataset: DatasetSpec
+    pairs: list[Pair] = Field(min_length=1)
+    teacher_objectives: list[TeacherObjectiveSpec] = Field(
+        default_factory=lambda: [TeacherObjectiveSpec(name="ce")], min_length=1)
+    method_sets: list[MethodSet] = Field(min_length=1)
+    teacher_schedule: Schedule
+    student_schedule: Schedule
+    reference: Reference | None = None
+
+    @field_validator("launcher")
+    @classmethod
+    def _known_launcher(cls, v):
+        from kdbench.launchers import LAUNCHERS
+
+        if v not in LAUNCHERS:
+            raise ValueError(f"unknown launcher {v!r}; use one of {', '.join(LAUNCHERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_unique(self):
+        labels = [t.display for t in self.teacher_objectives]
+        dupes = {x for x in labels if labels.count(x) > 1}
+        if dupes:
+            raise ValueError(f"teacher_objectives labels must be unique (repeated: {sorted(dupes)}); "
+                             "give each a distinct `label`")
+        for ms in self.method_sets:
+            for t in ms.teachers or []:
+                if t not in labels:
+                    raise ValueError(f"method set {ms.display!r} names teacher {t!r}, "
+                                     f"but teacher_objectives are {labels}")
+        return self
+
+
