@@ -59,12 +59,15 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             "teacher_id": rec.get("teacher_id"), "reference": m.get("reference"),
             "ref_teacher": m.get("ref_teacher"), "ref_student": m.get("ref_student"),
             "ref_method": m.get("ref_method"),
+            "teacher_reference_row": bool(m.get("teacher_reference_row")),
         })
     df = pd.DataFrame(rows)
     trows = []
     for key, sub in df.dropna(subset=["teacher_id"]).groupby(["group", "dataset", "pair", "objective"]):
         pair_order = int(sub["pair_order"].min())
         objective_order = int(sub["objective_order"].min())
+        # Per objective label (one teacher run may serve two labels of identical objectives).
+        reference_row = bool(sub["teacher_reference_row"].any())
         for tid in sub["teacher_id"].unique():
             t = teachers.get(tid)
             if t is None:
@@ -72,7 +75,7 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             ok = t["status"] == "done"
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
                           "pair_order": pair_order, "objective_order": objective_order,
-                          "reference_row": bool((t.get("meta") or {}).get("reference_row")),
+                          "reference_row": reference_row,
                           "teacher_id": tid, "status": t["status"],
                           "top1": t[metric]["top1"] if ok else math.nan,
                           "diagnostics": t.get("diagnostics") or {}})

@@ -60,6 +60,7 @@ class StudentMeta:
     method_set_index: int  # row order
     objective: str | None  # label of its teacher's objective (None: no teacher)
     objective_index: int  # order of rows of one method set with several objectives (-1: none)
+    teacher_reference_row: bool  # its teacher objective is the reference table's teacher row
     teacher_model: str
     student_model: str
     ref_method: str | None
@@ -162,6 +163,7 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
             students.append(RunSpec("student", sspec, StudentMeta(
                 **labels, pair=pair.display, pair_index=p, method_set=ms.display,
                 method_set_index=m, objective=obj.display if obj else None, objective_index=o,
+                teacher_reference_row=bool(obj and obj.ref_teacher),
                 teacher_model=pair.teacher.label or pair.teacher.name,
                 student_model=pair.student.label or pair.student.name, ref_method=ms.ref_method,
                 ref_teacher=pair.ref_teacher, ref_student=pair.ref_student, reference=ref),

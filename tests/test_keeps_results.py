@@ -1,0 +1,74 @@
+"""A refactor keeps results: the smoke recipe's grid, trained now, has the run ids, final top-1
+and weights (``weights_sha256``) that main had before the engine-seams refactor (issue 12).
+
+The values below were recorded at commit f928047 (before the refactor), on this project's CPU
+machine (AMD EPYC, torch 2.14.1), with one thread:
+
+    OMP_NUM_THREADS=1 KDBENCH_ONLY_DISTS=kdbench kdbench run recipes/smoke.toml --threads 1 \
+        --output /tmp/base/smoke1
+
+Bit-identity holds only for the same torch build, CPU model and thread count (README, "What a run
+writes"); on another machine the test says so instead of comparing numbers that cannot match.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDED_WITH = {"torch": "2.14.1", "cpu": "AMD EPYC"}
+
+# run id -> (weights_sha256, final top-1)
+RECORDED = {
+    "s-044ade9c3dbf53eb": ("99ec1f47fc67b2b02da4db64e494e3bc18a65bbaa3095fa43b4cf492764c9075", 19.791666666666668),
+    "s-0bc415587972ca1f": ("2449ed3f207a9b8ae30634b6a86d980539b64ffa2441a3244907955977f0ea39", 6.25),
+    "s-1d92b10c51e67810": ("22e9e970278cbaadbff7a7a440af43bb423fdca3e822f6e336db2039658b8c94", 12.5),
+    "s-322f16972a7342ea": ("564f1e90724327885377850422fc22ea5ad35e1e497bd98f234087273e095559", 12.5),
+    "s-3c30b20b0641589b": ("5195e6cef7a6a82151723cc0b3acb4840f317a8253e26a2a7dc74c46f4c45b6d", 19.791666666666668),
+    "s-3c709002af005546": ("12d65047ee11df64f74763b94049224d0d040526258ad5c2d5225a648d16ec25", 19.791666666666668),
+    "s-7a41d20e10c40e06": ("8657380d08b81fe929979a55550aca2f12eb25394b32f009e70ed6647bb4a0f8", 18.75),
+    "s-8637d5bb4d74ed8d": ("428efc2b9b26d37d8e359cd842335d4eadd44b488be59ecd8162c2eefff4a39c", 17.708333333333332),
+    "s-a1a6115be5c649e3": ("37c9e3d906fc16667c7abbe82169a7ce0091207a7fa87dac99531c22ee8ac9d6", 8.333333333333334),
+    "s-cec749ca053026a0": ("7626e87d2c2764dd3723635ef3292822151f504c99f1d72c102142e3b20ef1fe", 22.916666666666668),
+    "s-dec5abd529f8d94d": ("a6131afef36e26736f23783a2de82d5a75f871ad9b262517b0380796fb6c6898", 18.75),
+    "s-ed1dae5616d9ba62": ("48c58669b9c3687c3c3138cf4c2686eac0317b6433374a8671413aed10b5afd3", 12.5),
+    "t-3616aca91737a35e": ("86a7e81e51a7bfdefc0775171cf2aaa6ecd63a2b40531572d965ca01f5e4b64d", 18.75),
+    "t-c29d40b6ad57def7": ("ae679c7bcf0a8df54c3278285d98a45e02c64dcb6a98e5e13d42800f065b563c", 14.583333333333334),
+    "t-ed09de508d64a6ea": ("e252c209859b0f2264ba6f70f685f3620a0651a331d548fbbbb9279226045922", 16.666666666666668),
+}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@pytest.mark.slow
+def test_smoke_grid_has_the_run_ids_and_weights_main_had(tmp_path):
+    here = {"torch": torch.__version__.split("+")[0], "cpu": _cpu_model()}
+    if here["torch"] != RECORDED_WITH["torch"] or not here["cpu"].startswith(RECORDED_WITH["cpu"]):
+        pytest.skip(f"values recorded with {RECORDED_WITH}, this machine has {here}: float "
+                    "results are only bit-identical on the same torch build and CPU model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDBENCH_ONLY_DISTS": "kdbench"}
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, "-m", "kdbench", "run", str(ROOT / "recipes" / "smoke.toml"),
+                           "--threads", "1", "--plain", "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/*/record.json")}
+    assert set(records) == set(RECORDED)  # the same run ids
+    for run_id, (sha, top1) in RECORDED.items():
+        rec = records[run_id]
+        assert rec["status"] == "done", run_id
+        assert rec["weights_sha256"] == sha, f"{run_id} ({rec['meta'].get('method_set') or rec['meta'].get('objective')}): weights changed"
+        assert rec["final"]["top1"] == top1, run_id
