@@ -94,6 +94,21 @@ class ImageData:
 
 
 # --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` up-cast to float32 if it is bf16/fp16 (float32 and float64 are left as they are).
+
+    Under bf16 autocast (CUDA, or ``precision = "bf16"``) model outputs reach a plugin as bf16.
+    A method's or objective's loss arithmetic (softmax, KL, logsumexp, exp with large
+    arguments, distances, Gram matrices, normalisation, masks from medians) should run in fp32:
+    up-cast its inputs with this and compute under ``torch.autocast(device_type, enabled=False)``
+    so autocast does not cast them back. Learnable modules of a plugin may run in bf16; up-cast
+    their outputs. On fp32 inputs this is the identity, so fp32 runs are unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+# --------------------------------------------------------------------------------------------
 # Training steps
 # --------------------------------------------------------------------------------------------
 @dataclass

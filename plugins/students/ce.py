@@ -8,7 +8,7 @@ an autocast op list).
 import torch
 import torch.nn.functional as F
 
-from kdbench.api import NoParams, StudentMethod, hookimpl
+from kdbench.api import NoParams, StudentMethod, at_least_fp32, hookimpl
 
 
 class CrossEntropy(StudentMethod):
@@ -19,10 +19,8 @@ class CrossEntropy(StudentMethod):
         super().__init__()
 
     def forward(self, student, teacher, batch, extra):
-        logits = student.logits
+        logits = at_least_fp32(student.logits)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            if logits.dtype in (torch.bfloat16, torch.float16):
-                logits = logits.float()
             return {"ce": F.cross_entropy(logits, batch.y)}
 
 

@@ -14,22 +14,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdbench.api import Params, StudentMethod, hookimpl
+from kdbench.api import Params, StudentMethod, at_least_fp32, hookimpl
 
 
 class KDParams(Params):
     temperature: float = Field(4.0, gt=0, description="softmax temperature T")
 
 
-def _fp32(x):
-    """x in at least float32 (bf16/fp16 up-cast; float32/float64 unchanged)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
 
 def kd_loss(student_logits, teacher_logits, temperature: float):
     """T² · batch-mean KL(softmax(t/T) ‖ softmax(s/T)), in float32 with autocast off."""
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        student_logits, teacher_logits = _fp32(student_logits), _fp32(teacher_logits)
+        student_logits, teacher_logits = at_least_fp32(student_logits), at_least_fp32(teacher_logits)
         log_p_s = F.log_softmax(student_logits / temperature, dim=1)
         log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
         kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)

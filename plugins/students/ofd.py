@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdbench.api import NoParams, StudentMethod, UserError, hookimpl
+from kdbench.api import NoParams, StudentMethod, UserError, at_least_fp32, hookimpl
 
 
 def _normal_cdf(x: float) -> float:
@@ -85,16 +85,12 @@ def margins_from_bn(bn: nn.BatchNorm2d) -> Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _fp32(x: Tensor) -> Tensor:
-    """x in at least float32 (bf16/fp16 up-cast; float32/float64 unchanged)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
 
 def partial_l2(source: Tensor, target: Tensor, margin: Tensor) -> Tensor:
     """Σ over positions where not (source <= σ_m(t) <= 0) of (source − σ_m(t))²; margin (C,).
     bf16/fp16 inputs are up-cast: the sum is taken in float32 with autocast off."""
     with torch.autocast(device_type=source.device.type, enabled=False):
-        source, target = _fp32(source), _fp32(target)
+        source, target = at_least_fp32(source), at_least_fp32(target)
         target = torch.max(target, margin.view(1, -1, 1, 1).to(target))
         mask = (source > target) | (target > 0)
         return ((source - target) ** 2 * mask.to(source.dtype)).sum()
@@ -147,13 +143,13 @@ class OFD(StudentMethod):
         s_feats = student.preact_feats[1:][-k:]
         t_feats = teacher.preact_feats[1:][-k:]
         batch_size = s_feats[0].shape[0]
-        total = _fp32(s_feats[0]).new_zeros(())
+        total = at_least_fp32(s_feats[0]).new_zeros(())
         for i, (fs, ft, conn, margin) in enumerate(
             zip(s_feats, t_feats, self.connectors, self.margins())
         ):
-            source = _fp32(conn(fs))  # the connector may run in bf16; the loss does not
+            source = at_least_fp32(conn(fs))  # the connector may run in bf16; the loss does not
             with torch.autocast(device_type=source.device.type, enabled=False):
-                target = _fp32(ft.detach())
+                target = at_least_fp32(ft.detach())
                 if target.shape[-2:] != source.shape[-2:]:
                     target = F.adaptive_avg_pool2d(target, source.shape[-2:])
                 total = total + partial_l2(source, target, margin) / 2 ** (k - i - 1)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdbench.api import Params, StudentMethod, UserError, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl
 
 
 class ReviewKDParams(Params):
@@ -102,18 +102,14 @@ class ABF(nn.Module):
         return self.conv2(x), x
 
 
-def _fp32(x: Tensor) -> Tensor:
-    """x in at least float32 (bf16/fp16 up-cast; float32/float64 unchanged)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
 
 def hcl_loss(fstudent: list[Tensor], fteacher: list[Tensor]) -> Tensor:
     """Σ over levels of the hierarchical context loss; bf16/fp16 maps are up-cast, the MSEs and
     poolings run in float32 with autocast off."""
     with torch.autocast(device_type=fstudent[0].device.type, enabled=False):
-        total = _fp32(fstudent[0]).new_zeros(())
+        total = at_least_fp32(fstudent[0]).new_zeros(())
         for fs, ft in zip(fstudent, fteacher):
-            fs, ft = _fp32(fs), _fp32(ft)
+            fs, ft = at_least_fp32(fs), at_least_fp32(ft)
             h = fs.shape[2]
             loss = F.mse_loss(fs, ft, reduction="mean")
             cnt, tot = 1.0, 1.0

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdbench.api import Params, StudentMethod, UserError, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl
 
 
 class VIDParams(Params):
@@ -123,8 +123,7 @@ class VID(StudentMethod):
             t = teacher.feats[j]
             if t.is_inference():
                 t = t.clone()
-            if t.dtype in (torch.bfloat16, torch.float16):
-                t = t.float()  # the loss target: pooled (if it is the larger map) in fp32
+            t = at_least_fp32(t)  # the loss target: pooled (if it is the larger map) in fp32
             with torch.autocast(device_type=t.device.type, enabled=False):
                 s, t = match_spatial(student.feats[i], t)
             mu = reg(s)

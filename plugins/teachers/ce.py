@@ -5,16 +5,14 @@ The logits are up-cast to fp32 before the loss, autocast off.
 import torch
 import torch.nn.functional as F
 
-from kdbench.api import NoParams, TeacherObjective, hookimpl
+from kdbench.api import NoParams, TeacherObjective, at_least_fp32, hookimpl
 
 
 def fp32_cross_entropy(logits, y):
     """Cross-entropy of bf16/fp16 logits up-cast to float32 (float32/float64 unchanged), with
     autocast off."""
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        if logits.dtype in (torch.bfloat16, torch.float16):
-            logits = logits.float()
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(at_least_fp32(logits), y)
 
 
 class CrossEntropy(TeacherObjective):
