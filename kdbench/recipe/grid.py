@@ -61,6 +61,7 @@ class StudentMeta:
     objective: str | None  # label of its teacher's objective (None: no teacher)
     objective_index: int  # order of rows of one method set with several objectives (-1: none)
     teacher_reference_row: bool  # its teacher objective is the reference table's teacher row
+    baseline: str | None  # the method set the leaderboard compares every row with
     teacher_model: str
     student_model: str
     ref_method: str | None
@@ -164,6 +165,7 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                 **labels, pair=pair.display, pair_index=p, method_set=ms.display,
                 method_set_index=m, objective=obj.display if obj else None, objective_index=o,
                 teacher_reference_row=bool(obj and obj.ref_teacher),
+                baseline=r.leaderboard.baseline if r.leaderboard else None,
                 teacher_model=pair.teacher.label or pair.teacher.name,
                 student_model=pair.student.label or pair.student.name, ref_method=ms.ref_method,
                 ref_teacher=pair.ref_teacher, ref_student=pair.ref_student, reference=ref),

@@ -103,6 +103,11 @@ class Reference(_Strict):
     file: str | None = None  # default: the paper's tables shipped with kdbench
 
 
+class LeaderboardSpec(_Strict):
+    baseline: str | None = Field(None, description="label of the method set every row is compared "
+                                 "with (paired over shared seeds); not part of run ids")
+
+
 class Recipe(_Strict):
     name: str | None = None
     output: str | None = None
@@ -133,6 +138,7 @@ class Recipe(_Strict):
     teacher_schedule: Schedule
     student_schedule: Schedule
     reference: Reference | None = None
+    leaderboard: LeaderboardSpec | None = None
 
     @field_validator("launcher")
     @classmethod
@@ -150,6 +156,10 @@ class Recipe(_Strict):
         if dupes:
             raise ValueError(f"teacher_objectives labels must be unique (repeated: {sorted(dupes)}); "
                              "give each a distinct `label`")
+        sets = [ms.display for ms in self.method_sets]
+        if self.leaderboard and self.leaderboard.baseline and self.leaderboard.baseline not in sets:
+            raise ValueError(f"leaderboard.baseline = {self.leaderboard.baseline!r} names no method "
+                             f"set; method_sets are {sets}")
         for ms in self.method_sets:
             for t in ms.teachers or []:
                 if t not in labels:
