@@ -87,6 +87,15 @@ class Registry:
             f"write the qualified name, e.g. {candidates[0].qualified_name!r}"
         )
 
+    def canonical_name(self, kind: str, name: str) -> str:
+        """The name a run spec records for ``name``: the plain name whenever it alone finds the
+        same plugin (so ``kdbench:kd`` and ``kd`` are one spec and one run id), else
+        ``dist:name`` with the distribution's normalised name."""
+        plugin = self.find(kind, name)
+        if len(self.plugins[kind].get(plugin.name, [])) == 1:
+            return plugin.name
+        return f"{normalize_dist(plugin.dist)}:{plugin.name}"
+
     def suggest(self, kind: str, name: str) -> str:
         close = difflib.get_close_matches(name, self.names(kind), n=1, cutoff=0.5)
         if close:

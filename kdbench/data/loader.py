@@ -28,6 +28,32 @@ def subset_per_class(data: ImageData, per_class: int | None, seed: int = 0) -> I
     return ImageData(data.images[idx], data.labels[idx], data.num_classes, data.mean, data.std)
 
 
+VAL_SPLIT_SEED = 1  # the validation split's draw (the subsets' is 0): fixed, so it is in the run id
+
+
+def hold_out_per_class(data: ImageData, per_class: int | float, seed: int = VAL_SPLIT_SEED) -> tuple[ImageData, ImageData]:
+    """(rest, held out): ``per_class`` samples of every class (an int), or that fraction of each
+    class (a float in (0, 1), rounded, at least one), drawn in a seeded random order. The
+    validation split of the training set; raises ValueError if a class has too few samples."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.labels), generator=g)
+    labels = data.labels[order]
+    held = []
+    for c in range(data.num_classes):
+        members = order[labels == c]
+        k = per_class if isinstance(per_class, int) else max(1, round(per_class * len(members)))
+        if k >= len(members):
+            raise ValueError(f"class {c} has {len(members)} training samples: too few to hold out "
+                             f"{k} for validation and train on the rest")
+        held.append(members[:k])
+    held_idx = torch.cat(held).sort().values
+    keep = torch.ones(len(data.labels), dtype=torch.bool)
+    keep[held_idx] = False
+    rest_idx = keep.nonzero().squeeze(1)
+    take = lambda idx: ImageData(data.images[idx], data.labels[idx], data.num_classes, data.mean, data.std)  # noqa: E731
+    return take(rest_idx), take(held_idx)
+
+
 ViewMaker = Callable[[Tensor, torch.Generator], Tensor]  # uint8 images in, uint8 images out
 
 

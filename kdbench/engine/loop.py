@@ -53,6 +53,26 @@ class Diverged(Exception):
 
 
 @dataclass
+class Evaluation:
+    """What :func:`fit` evaluates after an epoch: the test set every ``every`` epochs and always
+    after the last (the epochs before the last on ``test_during`` instead, if given: a subset,
+    cheaper), and the validation split ``val``, if any, at the same epochs."""
+
+    every: int = 1
+    val: DeviceData | None = None
+    test_during: DeviceData | None = None
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return (epoch + 1) % self.every == 0 or epoch + 1 == epochs
+
+    def describe(self, test: DeviceData) -> dict:
+        """For the record: how each epoch was evaluated."""
+        return {"every": self.every, "test_images": len(test),
+                "test_images_before_last_epoch": len(self.test_during or test),
+                "val_images": len(self.val) if self.val is not None else 0}
+
+
+@dataclass
 class FitResult:
     epochs: list[dict] = field(default_factory=list)
     resumed_from: dict | None = None  # where the checkpoint it resumed from left off
@@ -64,8 +84,17 @@ class FitResult:
 
     @property
     def best(self) -> dict:
-        best = max(self.epochs, key=lambda e: e["test_top1"])
-        return {"top1": best["test_top1"], "top5": best["test_top5"], "epoch": best["epoch"]}
+        """The best evaluated epoch: chosen on the validation split when there is one (its test
+        accuracy is reported), else on the test set itself (optimistic)."""
+        evaluated = [e for e in self.epochs if "test_top1" in e]
+        on_val = all("val_top1" in e for e in evaluated)
+        key = "val_top1" if on_val else "test_top1"
+        best = max(evaluated, key=lambda e: e[key])  # the first of equals: the earliest epoch
+        out = {"top1": best["test_top1"], "top5": best["test_top5"], "epoch": best["epoch"],
+               "selected_on": "validation" if on_val else "test"}
+        if on_val:
+            out["val_top1"] = best["val_top1"]
+        return out
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -95,7 +124,8 @@ def make_optimizer(params, schedule, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DeviceData, batch_size: int, device: torch.device,
-             precision: str) -> dict[str, float]:
+             precision: str, split: str = "test") -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy of ``model`` on ``data``, keyed ``<split>_top1`` ..."""
     was_training = model.training
     model.eval()
     correct1 = torch.zeros((), device=device, dtype=torch.long)
@@ -113,8 +143,8 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int, device: torch.
         correct5 += hits.any(dim=1).sum()
     model.train(was_training)
     n = len(data)
-    return {"test_top1": 100.0 * correct1.item() / n, "test_top5": 100.0 * correct5.item() / n,
-            "test_loss": loss_sum.item() / n}
+    return {f"{split}_top1": 100.0 * correct1.item() / n, f"{split}_top5": 100.0 * correct5.item() / n,
+            f"{split}_loss": loss_sum.item() / n}
 
 
 class Interrupted(Exception):
@@ -176,7 +206,8 @@ def accumulate(acc: dict, loss: Tensor, terms: dict[str, Tensor], logits: Tensor
 def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch.device,
         precision: str, generator: torch.Generator, progress, eval_batch_size: int,
         on_epoch: Callable[[dict], None] | None = None, checkpointer: Checkpointer | None = None,
-        stop_requested: Callable[[], int | None] = lambda: None) -> FitResult:
+        stop_requested: Callable[[], int | None] = lambda: None,
+        evaluation: Evaluation | None = None) -> FitResult:
     """Train ``task`` for ``schedule.epochs`` epochs, continuing from the checkpointer's newest
     good checkpoint if there is one. Checkpoints are written at the end of every epoch and every
     ``checkpointer.every_steps`` steps; ``stop_requested()`` (a signal number or None) is polled
@@ -195,6 +226,7 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
     step = resume.step if resume else 0
     kill = _kill_hook() if resume is None else None
     every = checkpointer.every_steps if checkpointer is not None else None
+    evaluation = evaluation or Evaluation()
     nbatches = train.num_batches(schedule.batch_size)
     if resume is not None:
         progress.log(f"  resuming from {resume.path.name}: epoch {resume.epoch + 1}, "
@@ -253,10 +285,19 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
         if first_bad >= 0 or not all(math.isfinite(v) for v in values):
             raise Diverged(epoch, {k: v for k, v in record.items() if k.startswith(("train", "loss"))},
                            first_bad if first_bad >= 0 else None)
-        record.update(evaluate(task.eval_model(), test, eval_batch_size, device, precision))
+        shown = {"loss": record["train_loss"]}
+        if evaluation.due(epoch, schedule.epochs):
+            last = epoch + 1 == schedule.epochs
+            on = test if last or evaluation.test_during is None else evaluation.test_during
+            record.update(evaluate(task.eval_model(), on, eval_batch_size, device, precision))
+            shown["top1"] = record["test_top1"]
+            if evaluation.val is not None:
+                record.update(evaluate(task.eval_model(), evaluation.val, eval_batch_size, device,
+                                       precision, split="val"))
+                shown["val_top1"] = record["val_top1"]
         record.update(task.epoch_stats())
         result.epochs.append(record)
-        progress.epoch_done(epoch, {"loss": record["train_loss"], "top1": record["test_top1"]})
+        progress.epoch_done(epoch, shown)
         if on_epoch is not None:
             on_epoch(record)
         if checkpointer is not None:

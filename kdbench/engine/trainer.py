@@ -8,29 +8,54 @@ or interrupted runs are elsewhere (:mod:`kdbench.engine.queue`, :mod:`kdbench.en
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from kdbench.data.loader import DeviceData, subset_per_class
+from kdbench.api import UserError
+from kdbench.data.loader import DeviceData, hold_out_per_class, subset_per_class
 from kdbench.diagnostics import teacher_diagnostics
 from kdbench.engine.checkpoint import Checkpointer
 from kdbench.engine.logit_cache import LogitCacheKeeper
-from kdbench.engine.loop import autocast, evaluate, fit
+from kdbench.engine.loop import Evaluation, autocast, evaluate, fit
 from kdbench.engine.reproducibility import data_generator, seed_everything, weights_sha256
 from kdbench.engine.tasks import (StudentTask, TeacherTask, build_model, build_student_task,
                                   build_teacher_task, place_model)
 
 
-def load_data(loaded, registry, device: torch.device, view_makers=None) -> tuple[DeviceData, DeviceData]:
-    """The recipe's dataset (train, test) on ``device``, with its per-class subsets."""
-    ds = loaded.recipe.dataset
+@dataclass
+class GridData:
+    """A recipe's data on the device: what trains, what every epoch is evaluated on."""
+
+    train: DeviceData
+    test: DeviceData
+    evaluation: Evaluation  # the validation split and the test subset for the epochs before the last
+
+
+def load_data(loaded, registry, device: torch.device, view_makers=None) -> GridData:
+    """The recipe's dataset on ``device``: the validation split held out of the training set
+    first (``val_per_class``), then the per-class subsets of what is left and of the test set."""
+    recipe = loaded.recipe
+    ds = recipe.dataset
     plugin = registry.find("dataset", ds.name)
     params = loaded.plugin_params(registry)[("dataset",)]
-    train = subset_per_class(plugin.factory(params, "train"), ds.subset_per_class)
+    train, val = plugin.factory(params, "train"), None
+    if ds.val_per_class is not None:
+        try:
+            train, val = hold_out_per_class(train, ds.val_per_class)
+        except ValueError as exc:
+            raise UserError(f"{loaded.path}: dataset.val_per_class = {ds.val_per_class!r}: {exc}; "
+                            "hold out fewer samples per class") from None
+    train = subset_per_class(train, ds.subset_per_class)
     test = subset_per_class(plugin.factory(params, "test"), ds.test_subset_per_class)
-    return (DeviceData(train, device, view_makers), DeviceData(test, device, view_makers))
+    on_device = lambda data: DeviceData(data, device, view_makers)  # noqa: E731
+    during = (on_device(subset_per_class(test, recipe.eval_subset_per_class, seed=2))
+              if recipe.eval_subset_per_class is not None else None)
+    return GridData(on_device(train), on_device(test),
+                    Evaluation(every=recipe.eval_every, val=on_device(val) if val is not None else None,
+                               test_during=during))
 
 
 class RunTrainer:
@@ -45,15 +70,19 @@ class RunTrainer:
         self.device, self.store, self.progress = device, store, progress
         self.stop_requested, self.base_record, self.wrap_task = stop_requested, base_record, wrap_task
         self.logit_cache = LogitCacheKeeper(device, self.recipe.precision)
-        self._data: tuple[DeviceData, DeviceData] | None = None
+        self._data: GridData | None = None
         self.resumed_from: dict | None = None  # where the last fit() resumed (for trained_by)
 
     # ------------------------------------------------------------------ data and models
-    def data(self) -> tuple[DeviceData, DeviceData]:
+    def grid_data(self) -> GridData:
         if self._data is None:
             self._data = load_data(self.loaded, self.registry, self.device,
                                    self.registry.view_makers())
         return self._data
+
+    def data(self) -> tuple[DeviceData, DeviceData]:
+        """(train, test)."""
+        return self.grid_data().train, self.grid_data().test
 
     def build_for(self, spec) -> nn.Module:
         """``spec``'s model on the training device (channels_last on CUDA, compiled if the
@@ -94,11 +123,11 @@ class RunTrainer:
     def _fit(self, task, spec, checkpointer: Checkpointer):
         from kdbench.recipe import Schedule
 
-        train, test = self.data()
-        result = fit(self.wrap_task(task), Schedule(**spec.spec["schedule"]), train, test, self.device,
-                     self.recipe.precision, data_generator(spec.spec["seed"], self.device),
+        data = self.grid_data()
+        result = fit(self.wrap_task(task), Schedule(**spec.spec["schedule"]), data.train, data.test,
+                     self.device, self.recipe.precision, data_generator(spec.spec["seed"], self.device),
                      self.progress, self.recipe.eval_batch_size, checkpointer=checkpointer,
-                     stop_requested=self.stop_requested)
+                     stop_requested=self.stop_requested, evaluation=data.evaluation)
         self.resumed_from = result.resumed_from
         return result
 
@@ -129,7 +158,8 @@ class RunTrainer:
         _, test = self.data()
         self.store.save_weights(spec.id, model.state_dict())
         record = self.base_record(spec, "done")
-        record.update(**results, weights_sha256=weights_sha256(model.state_dict()))
+        record.update(**results, weights_sha256=weights_sha256(model.state_dict()),
+                      evaluation=self.grid_data().evaluation.describe(test))
         with autocast(self.device, self.recipe.precision):
             record["diagnostics"] = teacher_diagnostics(
                 model, test.eval_batches(self.recipe.eval_batch_size),
@@ -150,7 +180,8 @@ class RunTrainer:
             self.logit_cache.release()
         record = self.base_record(spec, "done")
         record.update(epochs=result.epochs, final=result.final, best=result.best,
-                      weights_sha256=weights_sha256(task.student.state_dict()))
+                      weights_sha256=weights_sha256(task.student.state_dict()),
+                      evaluation=self.grid_data().evaluation.describe(self.data()[1]))
         if teacher is not None:
             record["teacher_cast_once"] = bool(task.teacher_cast_once)
         if cache_report is not None:

@@ -121,11 +121,14 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
 
     def model(ref: "ModelRef", path: tuple) -> tuple[dict, Params]:
         params = validated[path]
-        return {"name": ref.name, "params": resolved(params)}, params
+        return {"name": registry.canonical_name("model", ref.name), "params": resolved(params)}, params
 
-    dataset = {"name": r.dataset.name, "params": resolved(validated[("dataset",)]),
+    dataset = {"name": registry.canonical_name("dataset", r.dataset.name),
+               "params": resolved(validated[("dataset",)]),
                "subset_per_class": r.dataset.subset_per_class,
                "test_subset_per_class": r.dataset.test_subset_per_class}
+    if r.dataset.val_per_class is not None:  # only then: ids of recipes without one stay the same
+        dataset["val_per_class"] = r.dataset.val_per_class
     common = {"v": SPEC_VERSION, "dataset": dataset, "precision": r.precision,
               "deterministic": r.deterministic}
     ref = r.reference.model_dump() if r.reference else None
@@ -149,7 +152,8 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                     tspec = {**common, "model": t_model, "checkpoint": _file_identity(obj.checkpoint)}
                 else:
                     tspec = {**common, "model": t_model,
-                             "objective": {"name": obj.name, "params": resolved(obj_params)},
+                             "objective": {"name": registry.canonical_name("teacher_objective", obj.name),
+                                           "params": resolved(obj_params)},
                              "schedule": r.teacher_schedule.model_dump(), "seed": tseed}
                 teacher = RunSpec("teacher", tspec, TeacherMeta(
                     **labels, pair=pair.display, pair_index=p,
@@ -158,7 +162,8 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                     reference=ref), params={"model": t_params, "objective": obj_params})
                 teacher = teachers.setdefault(teacher.id, teacher)
             sspec = {**common, "model": s_model, "teacher": teacher.id if teacher else None,
-                     "methods": [{"name": t.name, "weight": _weight(t, registry),
+                     "methods": [{"name": registry.canonical_name("student_method", t.name),
+                                  "weight": _weight(t, registry),
                                   "params": resolved(tp)} for t, tp in zip(ms.methods, terms)],
                      "schedule": r.student_schedule.model_dump(), "seed": seed}
             students.append(RunSpec("student", sspec, StudentMeta(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -47,7 +47,18 @@ class DatasetSpec(_WithPluginParams):
     name: str
     subset_per_class: int | None = Field(None, gt=0)
     test_subset_per_class: int | None = Field(None, gt=0)
+    val_per_class: StrictInt | StrictFloat | None = Field(
+        None, gt=0, description="hold out this many training samples per class (an integer) or "
+        "this fraction of each class (a number below 1) as a validation split: the best epoch "
+        "is chosen on it; part of run ids")
     label: str | None = None
+
+    @field_validator("val_per_class")
+    @classmethod
+    def _fraction_below_one(cls, v):
+        if isinstance(v, float) and not v < 1:
+            raise ValueError("a fraction must be below 1 (an integer is a count per class)")
+        return v
 
 
 class TeacherObjectiveSpec(_WithPluginParams):
@@ -129,6 +140,11 @@ class Recipe(_Strict):
     teacher_seed: int | None = None
     report: Literal["final", "best"] = "final"
     eval_batch_size: int = Field(512, gt=0)
+    eval_every: int = Field(1, gt=0, description="evaluate every N epochs (the last epoch always); "
+                            "not part of run ids: evaluation does not change training")
+    eval_subset_per_class: int | None = Field(
+        None, gt=0, description="evaluate the epochs before the last on this many test images per "
+        "class (the last epoch on the whole test set); not part of run ids")
     diagnostics_temperature: float = Field(4.0, gt=0)
     dataset: DatasetSpec
     pairs: list[Pair] = Field(min_length=1)
