@@ -134,6 +134,28 @@ class Batch:
 
 
 @dataclass
+class InitStage:
+    """Epochs a method trains before distillation starts (RepDistiller's ``--init_epochs``: AB,
+    FT and FSP pre-train their own modules first). The engine runs each method's stage with SGD
+    (``lr``, ``momentum``, ``weight_decay``, no decay) on the training set, batches of the student
+    schedule's size, view 0 only, the frozen teacher in eval mode and the student in train mode
+    only if ``student_train_mode`` (RepDistiller keeps it in eval mode), with checkpoints and
+    resume like any epoch; the stage's epochs go into the record under ``init_stages``.
+
+    ``modules`` are what trains (the method's own modules, or parts of the student — they are
+    put in train mode whatever the student's mode); ``loss(student_out, teacher_out, batch)``
+    returns named terms, summed."""
+
+    epochs: int
+    modules: list[nn.Module]
+    loss: Callable[["ModelOutput", "ModelOutput", "Batch"], dict[str, Tensor]]
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    student_train_mode: bool = False
+
+
+@dataclass
 class MethodSetup:
     """Everything a student method may use to build itself.
 
@@ -190,6 +212,10 @@ class StudentMethod(nn.Module):
     def epoch_stats(self) -> dict[str, float]:
         """Optional per-epoch statistics to record (read once per epoch)."""
         return {}
+
+    def init_stage(self) -> InitStage | None:
+        """Optional: epochs to train before distillation (see :class:`InitStage`)."""
+        return None
 
 
 @dataclass

@@ -228,5 +228,9 @@ class Checkpointer:
         return None
 
     def clear(self) -> None:
+        """Delete the run's checkpoints, those of its initialisation stages (``init-*/``) too."""
         for p in self.paths():
             p.unlink(missing_ok=True)
+        for stage in self.dir.glob("init-*"):
+            if stage.is_dir():
+                type(self)(stage).clear()

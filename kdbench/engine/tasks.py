@@ -230,6 +230,47 @@ class StudentTask:
         return stats
 
 
+class InitTask:
+    """A method's initialisation stage (:class:`kdbench.api.InitStage`) as a task: the stage's
+    modules train on its loss of both nets' view-0 outputs; the frozen teacher runs in eval
+    mode, the student in the stage's mode."""
+
+    views: tuple[str, ...] = ()
+    plans_epochs = False
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, stage):
+        self.student, self.teacher, self.stage = student, teacher, stage
+
+    def modules(self):
+        return list(self.stage.modules)
+
+    def stateful_modules(self):
+        return self.modules()
+
+    def start_epoch(self, plan) -> None:
+        pass
+
+    def distribute(self, wrap_net, wrap_module):
+        raise NotImplementedError("a method's initialisation stage does not run under torchrun "
+                                  "yet (its modules may be parts of the student); train this run "
+                                  "in one process")
+
+    def loss_terms(self, batch):
+        self.student.train(self.stage.student_train_mode)
+        for m in self.stage.modules:  # after the student: a stage module may be part of it
+            m.train()
+        s_out = self.student(batch.x)
+        with torch.no_grad():
+            t_out = self.teacher(batch.x)
+        return self.stage.loss(s_out, t_out, batch), s_out.logits
+
+    def eval_model(self):
+        return self.student
+
+    def epoch_stats(self):
+        return {}
+
+
 # ------------------------------------------------------------------------------------------------
 # Builders
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from kdbench.engine.checkpoint import Checkpointer
 from kdbench.engine.logit_cache import LogitCacheKeeper
 from kdbench.engine.loop import Evaluation, autocast, evaluate, fit
 from kdbench.engine.reproducibility import data_generator, seed_everything, weights_sha256
-from kdbench.engine.tasks import (StudentTask, TeacherTask, build_model, build_student_task,
+from kdbench.engine.tasks import (InitTask, StudentTask, TeacherTask, build_model, build_student_task,
                                   build_teacher_task, place_model)
 
 
@@ -56,6 +56,23 @@ def load_data(loaded, registry, device: torch.device, view_makers=None) -> GridD
     return GridData(on_device(train), on_device(test),
                     Evaluation(every=recipe.eval_every, val=on_device(val) if val is not None else None,
                                test_during=during))
+
+
+class _StageProgress:
+    """A run's progress during a method's initialisation stage: its epochs say whose they are."""
+
+    def __init__(self, progress, what: str, epochs: int):
+        self.progress, self.what, self.epochs = progress, what, epochs
+
+    def log(self, text: str) -> None:
+        self.progress.log(text)
+
+    def batch(self) -> None:
+        self.progress.batch()
+
+    def epoch_done(self, epoch: int, metrics: dict) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        self.progress.log(f"  {self.what}: epoch {epoch + 1}/{self.epochs} {shown}")
 
 
 class RunTrainer:
@@ -166,6 +183,32 @@ class RunTrainer:
                 temperature=self.recipe.diagnostics_temperature)
         return record
 
+    def _init_stages(self, task: StudentTask, spec, checkpointer: Checkpointer) -> dict:
+        """Run each method's initialisation stage (kdbench.api.InitStage) before distillation,
+        each with its own checkpoints (``<run>/init-<method>/``, resumed like any epoch; cleared
+        with the run's). Skipped once the main schedule has a checkpoint: it holds the state the
+        stages left. Their epochs, for the record."""
+        from kdbench.recipe import Schedule
+
+        stages = [(name, stage) for name, _, m in task.methods if (stage := m.init_stage()) is not None]
+        if not stages or checkpointer.paths():
+            return {}
+        data, out = self.grid_data(), {}
+        for i, (name, stage) in enumerate(stages):
+            sched = Schedule(epochs=stage.epochs, batch_size=spec.spec["schedule"]["batch_size"],
+                             lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+            ckpt = type(checkpointer)(checkpointer.dir / f"init-{name}", checkpointer.every_steps,
+                                      warn=checkpointer.warn)
+            # Its own data order: the main schedule's stream is the same with or without it.
+            generator = data_generator(spec.spec["seed"] + 104729 * (i + 1), self.device)
+            progress = _StageProgress(self.progress, f"initialisation stage of {name}", stage.epochs)
+            result = fit(self.wrap_task(InitTask(task.student, task.teacher, stage)), sched, data.train,
+                         data.test, self.device, self.recipe.precision, generator, progress,
+                         self.recipe.eval_batch_size, checkpointer=ckpt, stop_requested=self.stop_requested,
+                         evaluation=Evaluation(every=stage.epochs))
+            out[name] = {"epochs": result.epochs}
+        return out
+
     def _train_student(self, spec, checkpointer: Checkpointer) -> dict:
         teacher = self.load_teacher(spec.teacher) if spec.teacher else None
         seed_everything(spec.spec["seed"], self.recipe.deterministic)
@@ -174,11 +217,14 @@ class RunTrainer:
         if self.recipe.teacher_logit_cache and spec.teacher is not None:
             cache_report = self.logit_cache.attach(spec.teacher.id, spec.spec["schedule"]["batch_size"],
                                                    task, self.data()[0])
+        init_stages = self._init_stages(task, spec, checkpointer)
         try:
             result = self._fit(task, spec, checkpointer)
         finally:
             self.logit_cache.release()
         record = self.base_record(spec, "done")
+        if init_stages:
+            record["init_stages"] = init_stages
         record.update(epochs=result.epochs, final=result.final, best=result.best,
                       weights_sha256=weights_sha256(task.student.state_dict()),
                       evaluation=self.grid_data().evaluation.describe(self.data()[1]))
