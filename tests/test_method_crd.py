@@ -175,8 +175,19 @@ def test_uniform_sampler_without_replacement_excludes_anchor_and_is_seeded():
     assert torch.equal(m.sample_negatives(idx, g1), m.sample_negatives(idx, g2))
 
 
+def test_the_default_draws_negatives_from_other_classes_as_the_reference_loader():
+    """RepDistiller's CIFAR100InstanceSample (mdistiller too) draws CRD's negatives from other
+    classes only: that is the default."""
+    assert CRDParams().mode == "exact"
+    labels = torch.arange(40) % 4
+    m = CRD(CRDParams(feat_dim=4, nce_k=25), make_setup(n=40, labels=labels))
+    torch.manual_seed(0)
+    neg = m.sample_negatives(torch.arange(40))
+    assert (labels[neg] != labels[:, None]).all()
+
+
 def test_uniform_sampler_is_uniform_over_other_samples():
-    m = CRD(CRDParams(feat_dim=4, nce_k=3), make_setup(n=10))
+    m = CRD(CRDParams(feat_dim=4, nce_k=3, mode="uniform"), make_setup(n=10))
     torch.manual_seed(0)
     neg = m.sample_negatives(torch.full((3000,), 4))
     counts = torch.bincount(neg.reshape(-1), minlength=10)
@@ -201,7 +212,7 @@ def test_exact_mode_excludes_same_class():
 
 def test_k_capped_at_dataset_size():
     n = 10
-    m = CRD(CRDParams(feat_dim=4), make_setup(n=n))  # nce_k 16384 by default
+    m = CRD(CRDParams(feat_dim=4, mode="uniform"), make_setup(n=n))  # nce_k 16384 by default
     assert m.k == n - 1 and not m.replacement
     torch.manual_seed(0)
     neg = m.sample_negatives(torch.arange(n))

@@ -28,10 +28,12 @@ Negatives: K = min(nce_k, N − 1) per anchor (capped for small data sets), draw
 the global torch RNG (the engine seeds it) or ``self.generator`` if set, vectorised over the
 batch: random keys for all N samples, the disallowed ones masked, top-K kept (uniform sampling
 without replacement, like the reference's ``np.random.choice(..., replace=False)``). The anchor
-itself is never a negative. ``mode="uniform"`` draws from every other sample; ``mode="exact"``
-only from samples of other classes (``setup.train_labels``), which is what RepDistiller's CIFAR-100
-``CIFAR100InstanceSample`` loader does (its ``mode="exact"`` refers to the positive being the
-anchor itself; its negatives always come from other classes). When K exceeds the number of
+itself is never a negative. ``mode="exact"`` (the default) draws only from samples of other
+classes (``setup.train_labels``), which is what RepDistiller's CIFAR-100 ``CIFAR100InstanceSample``
+loader does (also used by mdistiller; its ``mode="exact"`` refers to the positive being the anchor
+itself; its negatives always come from other classes); ``mode="uniform"`` draws from every other
+sample, same-class ones included (about 1% of negatives on CIFAR-100, 10% on CIFAR-10). Until
+kdbench 0.1's engine-seams release the default was "uniform": CRD run ids changed with it. When K exceeds the number of
 allowed negatives of some class (tiny data in "exact" mode) the sampler draws with replacement
 (``torch.multinomial``), as the reference does in that case; ``replacement=True`` forces that.
 
@@ -72,7 +74,8 @@ class CRDParams(Params):
     nce_t: float = Field(0.07, gt=0, description="temperature τ")
     nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
     mode: Literal["uniform", "exact"] = Field(
-        "uniform", description="negatives: any other sample, or only samples of other classes"
+        "exact", description="negatives: only samples of other classes ('exact', the reference's "
+        "CIFAR loader), or any other sample ('uniform')"
     )
     replacement: bool = Field(False, description="draw negatives with replacement")
 
