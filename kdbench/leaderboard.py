@@ -1,28 +1,50 @@
 """Result records -> pandas -> markdown and CSV tables, and a PNG plot.
 
 One table per (recipe group, dataset), in the layout of the paper's tables: methods as rows,
-teacher→student pairs as columns, mean ± std over seeds with n, the best student row per column
-in bold, and — where the recipe names a reference table — the paper's number and the
-difference. Teacher rows come first (one per teacher objective, showing the teachers the
-students of that column actually used), then the method sets in recipe order (so a "Student"
-set listed first comes right after the teachers). The paper's teacher numbers are those of the
-CE-trained teacher: a recipe marks the objective whose teachers are that row with
-``ref_teacher = true``, and only that row gets the paper's number. Each table
-is followed by the teachers' soft-label diagnostics. ``leaderboard.png`` (needs matplotlib, the
-``plot`` extra) plots every row's accuracy per pair with error bars.
+teacher→student pairs as columns, and where the recipe names a reference table the paper's
+number and the difference. Teacher rows come first (one per teacher objective, showing the
+teachers the students of that column actually used), then the method sets in recipe order (so a
+"Student" set listed first comes right after the teachers). The paper's teacher numbers are
+those of the CE-trained teacher: a recipe marks the objective whose teachers are that row with
+``ref_teacher = true``, and only that row gets the paper's number.
+
+Statistics (:mod:`kdbench.stats`): each cell is the mean, sample std and 95% Student-t interval
+over distinct seeds. A seed counts once: records of one run id found in several folders under
+the runs folder are one run (a ``done`` copy preferred), and of several run ids for one (row,
+pair, seed) — a row retrained with another spec — only the newest record (file mtime) counts;
+both are listed in a note under the table. Failed, diverged and interrupted runs are counted in
+the cell's note and left out of the statistics. Every student row is compared, paired over the
+seeds it shares with it, with a baseline row (the recipe's ``[leaderboard] baseline``, else the
+row the paper calls KD; one of the same teacher objective where the baseline has several) and
+with the best row of its column; p-values (exact sign-flip permutation test for ≤ 10 shared
+seeds, else the paired t-test) are Holm-corrected over the rows of a column. The markdown shows
+the marks and a legend, plus per column the smallest difference the seeds could detect; the CSV
+has every number, for the ``final`` and the ``best`` epoch (one row per metric).
+
+Each table is followed by the teachers' soft-label diagnostics. ``leaderboard.png`` (needs
+matplotlib, the ``plot`` extra) plots every row's accuracy per pair with 95% intervals.
 """
 from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 
+from kdbench import stats
 from kdbench.api import UserError
 from kdbench.store import atomic_write_bytes, iter_records
+
+METRICS = ("final", "best")
+INT_COLUMNS = ("n", "n_excluded", "n_paired", "n_paired_best", "mde_n")
+ALPHA = stats.ALPHA
+MARK_UP, MARK_DOWN, MARK_TIED = "▲", "▼", "≈"
+MDE_MORE_SEEDS = (10, 20)  # the detectable difference is also shown for these seed counts
 
 
 def load_reference(file: str | None = None) -> dict[tuple, float]:
@@ -35,33 +57,114 @@ def load_reference(file: str | None = None) -> dict[tuple, float]:
             for r in rows}
 
 
-def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    teachers, students = {}, []
+# ------------------------------------------------------------------------------ records
+def _where(rec: dict, root: Path) -> str:
+    path = Path(rec["_path"])
+    try:
+        return str(path.parent.relative_to(root))
+    except ValueError:
+        return str(path.parent)
+
+
+def _mtime(rec: dict) -> int:
+    try:
+        return os.stat(rec["_path"]).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _metric_values(rec: dict) -> dict:
+    """top-1 at the final and the best epoch (NaN unless done), and what "best" was chosen on."""
+    out = {}
+    done = rec.get("status") == "done"
+    for m in METRICS:
+        if not done:
+            out[m] = math.nan
+            continue
+        try:
+            out[m] = float(rec[m]["top1"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{rec['_path']}: a done record without a number in {m}.top1; "
+                            "delete that run's folder and run the recipe again") from None
+    best = rec.get("best") if isinstance(rec.get("best"), dict) else {}
+    out["selected_on"] = best.get("selected_on") or "test"
+    return out
+
+
+def _dedupe_ids(records: list[dict], root: Path, notes: dict) -> dict[str, dict]:
+    """One record per run id. A run id found in several folders (the same run copied or kept
+    in two output folders under ``root``) is one run: a ``done`` copy is preferred, else the
+    newest; the duplicates go into ``notes``."""
+    by_id: dict[str, list[dict]] = {}
+    for rec in records:
+        by_id.setdefault(rec["id"], []).append(rec)
+    out = {}
+    for rid, recs in by_id.items():
+        chosen = max(recs, key=lambda r: (r.get("status") == "done", _mtime(r), r["_path"]))
+        out[rid] = chosen
+        if len(recs) > 1:
+            meta = chosen.get("meta") or {}
+            copies = ", ".join(f"{_where(r, root)} ({r.get('status')})"
+                               for r in sorted(recs, key=lambda r: r["_path"]))
+            notes.setdefault((meta.get("group"), meta.get("dataset")), {}).setdefault(
+                "ids", []).append(f"{rid}: {len(recs)} records ({copies}); counted "
+                                  f"{_where(chosen, root)} ({chosen.get('status')})")
+    return out
+
+
+def _check_student(rec: dict) -> None:
+    meta, spec = rec.get("meta"), rec.get("spec")
+    missing = [k for k in ("group", "dataset", "pair", "method_set")
+               if not isinstance(meta, dict) or k not in meta]
+    if not isinstance(spec, dict) or "seed" not in spec:
+        missing.append("spec.seed")
+    if missing:
+        raise UserError(f"{rec['_path']}: a student record without {', '.join(missing)}; it was "
+                        "not written by this kdbench (delete it or rerun that run)")
+
+
+def collect(runs_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The student rows (one per counted run), the teacher rows of the teachers those students
+    used, and the notes on duplicates per (group, dataset)."""
+    runs_dir = Path(runs_dir)
+    teachers_raw, students_raw = [], []
     for rec in iter_records(runs_dir):
+        if "id" not in rec:
+            continue
         if rec.get("kind") == "teacher":
-            teachers[rec["id"]] = rec
+            teachers_raw.append(rec)
         elif rec.get("kind") == "student":
-            students.append(rec)
-    if not students:
+            students_raw.append(rec)
+    if not students_raw:
         raise UserError(f"{runs_dir}: no student records found (run `kdbench run RECIPE` first, "
                         "and point the leaderboard at its output folder)")
+    notes: dict = {}
+    teachers = _dedupe_ids(teachers_raw, runs_dir, notes)
+    students = _dedupe_ids(students_raw, runs_dir, notes)
     rows = []
-    for rec in students:
+    for rec in students.values():
+        _check_student(rec)
         m = rec["meta"]
-        ok = rec["status"] == "done"
         pair_order, row_order, objective_order = _student_order(m)
         rows.append({
             "group": m["group"], "dataset": m["dataset"], "pair": m["pair"],
             "pair_order": pair_order, "row_order": row_order, "objective_order": objective_order,
             "method_set": m["method_set"], "objective": m.get("objective"),
-            "seed": rec["spec"]["seed"], "status": rec["status"],
-            "top1": rec[metric]["top1"] if ok else math.nan,
+            "seed": rec["spec"]["seed"], "status": rec.get("status"), "run_id": rec["id"],
+            "where": _where(rec, runs_dir), "mtime": _mtime(rec), **_metric_values(rec),
             "teacher_id": rec.get("teacher_id"), "reference": m.get("reference"),
             "ref_teacher": m.get("ref_teacher"), "ref_student": m.get("ref_student"),
-            "ref_method": m.get("ref_method"),
+            "ref_method": m.get("ref_method"), "baseline": m.get("baseline"),
             "teacher_reference_row": bool(m.get("teacher_reference_row")),
         })
     df = pd.DataFrame(rows)
+    # Row labels: the method set, qualified by the teacher objective when a set is used with
+    # several objectives in its table.
+    n_obj = df.groupby(["group", "dataset", "method_set"])["objective"].nunique(dropna=False)
+    df["row"] = [ms if n_obj[(g, d, ms)] <= 1 else f"{ms} ({o})"
+                 for g, d, ms, o in zip(df["group"], df["dataset"], df["method_set"], df["objective"])]
+    df = _one_per_seed(df, ["group", "dataset", "row", "pair", "seed"], "row", notes)
+
     trows = []
     for key, sub in df.dropna(subset=["teacher_id"]).groupby(["group", "dataset", "pair", "objective"]):
         pair_order = int(sub["pair_order"].min())
@@ -72,14 +175,34 @@ def collect(runs_dir: Path, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             t = teachers.get(tid)
             if t is None:
                 continue
-            ok = t["status"] == "done"
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
+                          "row": f"Teacher ({key[3]})",
                           "pair_order": pair_order, "objective_order": objective_order,
-                          "reference_row": reference_row,
-                          "teacher_id": tid, "status": t["status"],
-                          "top1": t[metric]["top1"] if ok else math.nan,
+                          "reference_row": reference_row, "run_id": tid,
+                          "seed": (t.get("spec") or {}).get("seed", tid),
+                          "status": t.get("status"), "where": _where(t, runs_dir),
+                          "mtime": _mtime(t), **_metric_values(t),
                           "diagnostics": t.get("diagnostics") or {}})
-    return df, pd.DataFrame(trows)
+    tdf = pd.DataFrame(trows)
+    if len(tdf):
+        tdf = _one_per_seed(tdf, ["group", "dataset", "row", "pair", "seed"], "row", notes)
+    return df, tdf, notes
+
+
+def _one_per_seed(df: pd.DataFrame, key: list[str], label: str, notes: dict) -> pd.DataFrame:
+    """Of several run ids for one (row, pair, seed) — a row retrained with another spec — the
+    newest record counts (file mtime); the others go into ``notes``."""
+    keep = []
+    for k, sub in df.groupby(key, sort=False, dropna=False):
+        sub = sub.sort_values(["mtime", "run_id"])
+        keep.append(sub.index[-1])
+        if len(sub) > 1:
+            new = sub.iloc[-1]
+            old = ", ".join(f"{r.run_id} ({r.status})" for r in sub.iloc[:-1].itertuples())
+            notes.setdefault((new["group"], new["dataset"]), {}).setdefault("seeds", []).append(
+                f"{new[label]} · {new['pair']} · seed {new['seed']}: counted {new['run_id']} "
+                f"({new['status']}, newest), left out {old}")
+    return df.loc[sorted(keep)]
 
 
 def _student_order(meta: dict) -> tuple[int, int, int]:
@@ -91,20 +214,141 @@ def _student_order(meta: dict) -> tuple[int, int, int]:
     return order[0], order[1], order[2] if len(order) > 2 else 0
 
 
-def _cell(values: pd.Series, statuses: pd.Series) -> tuple[str, float]:
-    good = values.dropna()
+# ---------------------------------------------------------------------------- statistics
+def _bad_note(statuses: pd.Series) -> str:
     bad = statuses[statuses != "done"].value_counts()
-    note = "".join(f" ({n} {s})" for s, n in bad.items())
-    if good.empty:
-        return ("—" + note if note else "—"), math.nan
-    mean = good.mean()
-    if len(good) == 1:  # no spread to show from a single run
-        return f"{mean:.2f} (n=1){note}", mean
-    return f"{mean:.2f} ± {good.std(ddof=1):.2f} (n={len(good)}){note}", mean
+    return "".join(f" ({n} {s})" for s, n in bad.items())
 
 
-def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_file: str | None = None):
-    """Returns [(title, markdown, long-form rows)] per table."""
+def _values_by_seed(rows: pd.DataFrame, metric: str) -> dict:
+    ok = rows[(rows["status"] == "done") & rows[metric].notna()]
+    return dict(zip(ok["seed"], ok[metric]))
+
+
+def _shared(a: dict, b: dict) -> tuple[list[float], list[float]]:
+    seeds = [s for s in a if s in b]
+    seeds.sort(key=lambda s: (str(type(s)), s))
+    return [a[s] for s in seeds], [b[s] for s in seeds]
+
+
+@dataclass
+class _Row:
+    label: str
+    records: pd.DataFrame
+    is_teacher: bool
+    method: str | None  # name of the row in the reference table
+    method_set: str | None = None
+    objective: str | None = None
+
+
+@dataclass
+class _Column:
+    """The statistics of one column (pair) at one metric."""
+    summaries: dict = field(default_factory=dict)  # label -> CellSummary
+    by_seed: dict = field(default_factory=dict)  # label -> {seed: value}
+    best: str | None = None  # label of the best student row
+    vs_base: dict = field(default_factory=dict)  # label -> (baseline label, Paired, p_holm)
+    vs_best: dict = field(default_factory=dict)  # label -> (Paired, p_holm)
+    mde: dict | None = None
+
+
+def _baseline_rows(student_rows: list[_Row], sub: pd.DataFrame) -> tuple[dict, str | None]:
+    """label -> the label of the baseline row it is compared with, and a sentence saying which
+    baseline (None when there is none)."""
+    named = [b for b in sub.sort_values("mtime")["baseline"].tolist() if _present(b)]
+    note_extra = ""
+    if named:
+        base_set = named[-1]
+        if len(set(named)) > 1:
+            note_extra = (f" (the records name different baselines: {', '.join(sorted(set(named)))}; "
+                          "the newest record's counts)")
+        source = f"the recipe's `[leaderboard] baseline = \"{base_set}\"`{note_extra}"
+    else:
+        kd = [r.method_set for r in student_rows if r.method == "KD"]
+        if not kd:
+            return {}, None
+        base_set = kd[0]
+        source = "the row the reference table calls KD (the recipe names no `[leaderboard] baseline`)"
+    base = [r for r in student_rows if r.method_set == base_set]
+    if not base:
+        return {}, f"Baseline {base_set} ({source}) has no runs in this table: no paired comparisons."
+    mapping = {}
+    for r in student_rows:
+        same = [b for b in base if b.objective == r.objective]
+        target = same[0] if same else base[0]
+        if target.label != r.label:
+            mapping[r.label] = target.label
+    which = (base[0].label if len(base) == 1 else
+             f"{base_set} (each row against the {base_set} row of its own teacher objective, "
+             f"else {base[0].label})")
+    return mapping, f"Baseline: {which}, from {source}."
+
+
+def _column_stats(rows: list[_Row], pair: str, metric: str, baseline_of: dict) -> _Column:
+    col = _Column()
+    for r in rows:
+        prow = r.records[r.records["pair"] == pair]
+        col.by_seed[r.label] = _values_by_seed(prow, metric)
+        col.summaries[r.label] = stats.summarize(list(col.by_seed[r.label].values()))
+    students = [r.label for r in rows if not r.is_teacher]
+    means = [(col.summaries[l].mean, -i, l) for i, l in enumerate(students)
+             if col.summaries[l].mean is not None]
+    if means:
+        col.best = max(means)[2]  # the first of equal means
+    # Against the baseline row, Holm over the rows of the column.
+    labels = [l for l in students if l in baseline_of and col.by_seed[baseline_of[l]]
+              and col.by_seed[l]]
+    tests = [stats.paired(*_shared(col.by_seed[l], col.by_seed[baseline_of[l]])) for l in labels]
+    for l, t, p in zip(labels, tests, stats.holm([t.p for t in tests])):
+        col.vs_base[l] = (baseline_of[l], t, p)
+    # Against the best row.
+    if col.best is not None:
+        labels = [l for l in students if l != col.best and col.by_seed[l]]
+        tests = [stats.paired(*_shared(col.by_seed[l], col.by_seed[col.best])) for l in labels]
+        for l, t, p in zip(labels, tests, stats.holm([t.p for t in tests])):
+            col.vs_best[l] = (t, p)
+    # The smallest detectable difference, from the paired differences pooled over the rows.
+    against, comps = ("baseline", [t for _, t, _ in col.vs_base.values()]) if col.vs_base else \
+        ("best", [t for t, _ in col.vs_best.values()])
+    comps = [t for t in comps if t.n >= 2]
+    if comps:
+        sd, dof = stats.pooled_sd((t.sd, t.n) for t in comps)
+        n = max(t.n for t in comps)
+        col.mde = {"against": against, "sd": sd, "rows": len(comps), "n": n,
+                   "mde": stats.minimal_detectable_difference(sd, n),
+                   "more": {k: stats.minimal_detectable_difference(sd, k)
+                            for k in MDE_MORE_SEEDS if k > n}}
+    return col
+
+
+def _selection(records: pd.DataFrame) -> tuple[str, str]:
+    """What the "best" epoch of a table's done runs was chosen on: ("validation" | "test" |
+    "mixed", the sentence for the table's note). A record that does not say was chosen on the
+    test set (records before the validation split existed)."""
+    on = records.loc[records["status"] == "done", "selected_on"]
+    n_val = int((on == "validation").sum())
+    if len(on) and n_val == len(on):
+        return "validation", "selected on the validation split"
+    if n_val:
+        return "mixed", (f"selected on the validation split for {n_val} of {len(on)} runs, on "
+                         "the test set (optimistic) for the others")
+    return "test", "selected on the test set (optimistic)"
+
+
+# ------------------------------------------------------------------------------- markdown
+def _cell_text(s: stats.CellSummary, note: str) -> str:
+    if s.n == 0:
+        return "—" + note
+    if s.n == 1:  # no spread and no interval from a single run
+        return f"{s.mean:.2f} (n=1){note}"
+    return f"{s.mean:.2f} ± {s.std:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}] (n={s.n}){note}"
+
+
+def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
+                 reference_file: str | None = None, notes: dict | None = None):
+    """Returns [(title, markdown, long-form rows)] per table; the markdown is at ``metric``, the
+    long-form rows hold both metrics (column ``metric``)."""
+    notes = notes or {}
     ref = None
     out = []
     for (group, dataset), sub in df.groupby(["group", "dataset"], sort=False):
@@ -113,72 +357,178 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str, reference_fil
         reference = first["reference"] if isinstance(first["reference"], dict) else None
         if reference and ref is None:
             ref = load_reference(reference_file or reference.get("file"))
-        # Row labels: the method set, qualified by the teacher objective when a set is used with
-        # several objectives in this table.
-        n_obj = sub.groupby("method_set")["objective"].nunique(dropna=False)
-        sub = sub.assign(row=[ms if n_obj[ms] <= 1 else f"{ms} ({o})"
-                              for ms, o in zip(sub["method_set"], sub["objective"])])
         row_order = sub.sort_values(["row_order", "objective_order"], kind="stable")["row"]
         row_order = row_order.drop_duplicates().tolist()
-        lines, long_rows, means = {}, [], {}
         tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
         if len(tsub):  # the diagnostics table lists the pairs in column order
             tsub = tsub.sort_values(["pair_order", "objective_order"], kind="stable")
-        # (label, records, is_teacher, reference row name)
         teacher_rows = []
-        if len(tsub):
-            for obj in tsub["objective"].drop_duplicates():
-                trows = tsub[tsub["objective"] == obj]
-                # The reference table's teacher row is the one the recipe marks (ref_teacher =
-                # true on the objective: the paper's teachers are CE-trained).
-                is_ref = bool(trows["reference_row"].all())
-                teacher_rows.append((f"Teacher ({obj})", trows, True, "teacher" if is_ref else None))
-        student_rows = [(r, sub[sub["row"] == r], False,
-                         sub[sub["row"] == r].iloc[0]["ref_method"]) for r in row_order]
-        for label, rows, is_teacher, method in teacher_rows + student_rows:
+        for obj in (tsub["objective"].drop_duplicates() if len(tsub) else []):
+            trows = tsub[tsub["objective"] == obj]
+            # The reference table's teacher row is the one the recipe marks (ref_teacher =
+            # true on the objective: the paper's teachers are CE-trained).
+            is_ref = bool(trows["reference_row"].all())
+            teacher_rows.append(_Row(f"Teacher ({obj})", trows, True, "teacher" if is_ref else None))
+        student_rows = []
+        for r in row_order:
+            rs = sub[sub["row"] == r]
+            obj = rs.iloc[0]["objective"]
+            student_rows.append(_Row(r, rs, False, rs.iloc[0]["ref_method"],
+                                     rs.iloc[0]["method_set"], obj if _present(obj) else None))
+        rows = teacher_rows + student_rows
+        baseline_of, baseline_note = _baseline_rows(student_rows, sub)
+        columns = {(pair, m): _column_stats(rows, pair, m, baseline_of)
+                   for pair in pairs for m in METRICS}
+        selected_on, selection_note = _selection(pd.concat([sub, tsub]) if len(tsub) else sub)
+
+        long_rows, lines = [], {}
+        for r in rows:
             cells = []
             for pair in pairs:
-                prow = rows[rows["pair"] == pair]
-                text, mean = _cell(prow["top1"], prow["status"]) if len(prow) else ("", math.nan)
+                prow = r.records[r.records["pair"] == pair]
                 refval = None
                 if reference and len(prow):
                     srow = sub[sub["pair"] == pair].iloc[0]
-                    if _present(method) and srow["ref_teacher"] and srow["ref_student"]:
+                    if _present(r.method) and srow["ref_teacher"] and srow["ref_student"]:
                         refval = ref.get((reference["table"], reference["dataset"],
-                                          srow["ref_teacher"], srow["ref_student"], method))
-                if refval is not None and not math.isnan(mean):
-                    text += f" · paper {refval:.2f} (Δ {mean - refval:+.2f})"
+                                          srow["ref_teacher"], srow["ref_student"], r.method))
+                note = _bad_note(prow["status"])
+                for m in METRICS:
+                    long_rows.append(_long_row(group, dataset, r, pair, m, columns[(pair, m)],
+                                               prow, note, refval, selected_on))
+                col = columns[(pair, metric)]
+                s = col.summaries[r.label]
+                text = _cell_text(s, note) if len(prow) else ""
+                bold = (not r.is_teacher and col.best is not None
+                        and s.mean == col.summaries[col.best].mean)
+                text += _marks(r.label, col, bold) if not r.is_teacher else ""
+                if refval is not None and s.mean is not None:
+                    text += f" · paper {refval:.2f} (Δ {s.mean - refval:+.2f})"
                 elif refval is not None:
                     text += f" · paper {refval:.2f}"
+                if bold:
+                    text = f"**{text}**"
                 cells.append(text)
-                means[(label, pair)] = (mean, not is_teacher)
-                long_rows.append({"group": group, "dataset": dataset, "row": label, "pair": pair,
-                                  "metric": metric, "mean": mean,
-                                  "std": prow["top1"].dropna().std(ddof=1) if prow["top1"].notna().sum() > 1 else 0.0,
-                                  "n": int(prow["top1"].notna().sum()), "paper": refval,
-                                  "kind": "teacher" if is_teacher else "student"})
-            lines[label] = cells
-        # Bold the best student row per column.
-        for j, pair in enumerate(pairs):
-            cands = [(m, lbl) for (lbl, p), (m, is_student) in means.items()
-                     if p == pair and is_student and not math.isnan(m)]
-            if cands:
-                best = max(cands)[0]
-                for lbl, (m, is_student) in ((l, means[(l, pair)]) for l in lines):
-                    if is_student and m == best:
-                        lines[lbl][j] = f"**{lines[lbl][j]}**"
+            lines[r.label] = cells
         header = "| Method | " + " | ".join(pairs) + " |"
         sep = "|---|" + "---|" * len(pairs)
         body = [f"| {lbl} | " + " | ".join(cells) + " |" for lbl, cells in lines.items()]
         title = f"{group} — {dataset}"
-        note = (f"Top-1 accuracy (%) at the **{metric}** epoch, mean ± sample std over seeds (n runs)."
-                + (f" Reference: {reference['table']} ({reference['dataset']}) of the paper; "
-                   "Δ = ours − paper." if reference else ""))
-        md = "\n".join([f"## {title}", "", note, "", header, sep, *body, ""])
+        what = f"**{metric}** epoch" + (f" ({selection_note})" if metric == "best" else "")
+        intro = (f"Top-1 accuracy (%) at the {what}, over distinct seeds."
+                 + (f" Reference: {reference['table']} ({reference['dataset']}) of the paper; "
+                    "Δ = ours − paper." if reference else ""))
+        below = [_legend(columns, pairs, metric, baseline_note, bool(baseline_of)),
+                 _mde_line(columns, pairs, metric, baseline_of)]
+        tnotes = notes.get((group, dataset), {})
+        if tnotes.get("ids"):
+            below.append("Run ids found in several folders (counted once each, a done record "
+                         "preferred): " + "; ".join(tnotes["ids"]) + ".")
+        if tnotes.get("seeds"):
+            below.append("Several runs of one row, pair and seed (the newest counted): "
+                         + "; ".join(tnotes["seeds"]) + ".")
+        md = "\n".join([f"## {title}", "", intro, "", header, sep, *body, "",
+                        *[line + "\n" for line in below if line]])
         if len(tsub):
             md += "\n" + _diagnostics_table(tsub) + "\n"
         out.append((title, md, long_rows))
     return out
+
+
+def _marks(label: str, col: _Column, bold: bool) -> str:
+    """▲/▼ against the baseline, ≈ for a row tied with the best (not on a row whose mean equals
+    the best one: it is bold already)."""
+    marks = []
+    if label in col.vs_base:
+        _, t, p = col.vs_base[label]
+        if p is not None and p < ALPHA:
+            marks.append(MARK_UP if t.diff > 0 else MARK_DOWN)
+    if label in col.vs_best and not bold:
+        _, p = col.vs_best[label]
+        if p is not None and p >= ALPHA:
+            marks.append(MARK_TIED)
+    return "".join(f" {m}" for m in marks)
+
+
+def _legend(columns: dict, pairs: list, metric: str, baseline_note: str | None,
+            compared: bool) -> str:
+    cols = [columns[(p, metric)] for p in pairs]
+    tests = [t for c in cols for _, t, _ in c.vs_base.values()] + \
+            [t for c in cols for t, _ in c.vs_best.values()]
+    kinds = {t.test for t in tests if t.test}
+    parts = ["Legend: mean ± sample std [95% CI of the mean, Student t] (n = distinct seeds; "
+             "n=1: no spread, no interval, no test); failed, diverged and interrupted runs are "
+             "counted in parentheses and left out. **bold**: the best student mean of the column."]
+    if baseline_note:
+        parts.append(baseline_note)
+    if compared:
+        parts.append(f"{MARK_UP}/{MARK_DOWN}: higher/lower than the baseline, significant at "
+                     f"α = {ALPHA} after Holm's correction over the rows of the column.")
+    parts.append(f"{MARK_TIED}: cannot be told apart from the column's best row (paired test "
+                 f"against it, Holm-corrected, not significant at α = {ALPHA}); rows with the "
+                 "best mean are bold instead.")
+    parts.append("Comparisons are paired over the seeds both rows have (n_paired in the CSV); a "
+                 "row with fewer than 2 shared seeds is not tested and gets no mark.")
+    if kinds:
+        used = {"sign-flip": "the exact sign-flip permutation test (≤ 10 shared seeds; its "
+                             "smallest p is 2/2ⁿ, 0.0625 for n = 5, before Holm)",
+                "t": "the paired t-test (> 10 shared seeds)"}
+        parts.append("p-values: " + " and ".join(used[k] for k in ("sign-flip", "t") if k in kinds) + ".")
+    return " ".join(parts)
+
+
+def _mde_line(columns: dict, pairs: list, metric: str, baseline_of: dict) -> str:
+    per = []
+    against = None
+    for p in pairs:
+        m = columns[(p, metric)].mde
+        if m is None:
+            per.append(f"{p}: — (no row shares 2 seeds with the compared row)")
+            continue
+        against = m["against"]
+        more = "".join(f"; {k} seeds: {v:.2f}" for k, v in m["more"].items())
+        per.append(f"{p}: {m['mde']:.2f} with {m['n']} seeds{more} "
+                   f"(pooled SD of the differences {m['sd']:.2f}, {m['rows']} row{'s' if m['rows'] != 1 else ''})")
+    if against is None:
+        return ("Smallest detectable difference: needs at least 2 seeds a row shares with the "
+                "row it is compared with; none here.")
+    vs = "the baseline" if against == "baseline" else "the best row (no baseline)"
+    return ("Smallest detectable difference (points of top-1; paired t-test, 80% power, "
+            f"α = 0.05 two-sided, from the paired differences against {vs}): " + "; ".join(per) + ".")
+
+
+def _long_row(group, dataset, r: _Row, pair, metric, col: _Column, prow, note, refval,
+              selected_on) -> dict:
+    s = col.summaries[r.label]
+    row = {"group": group, "dataset": dataset, "row": r.label, "pair": pair, "metric": metric,
+           "kind": "teacher" if r.is_teacher else "student",
+           "mean": s.mean, "std": s.std, "n": s.n, "ci_low": s.ci_low, "ci_high": s.ci_high,
+           "excluded": note.strip().replace(") (", "; ").strip("()") or None,
+           "n_excluded": int((prow["status"] != "done").sum()),
+           "selected_on": selected_on if metric == "best" else None, "paper": refval,
+           "baseline_row": None, "n_paired": None, "diff": None, "diff_ci_low": None,
+           "diff_ci_high": None, "p_t": None, "p_perm": None, "p_test": None, "p_holm": None,
+           "significant": None, "best_row": col.best, "is_best": None, "n_paired_best": None,
+           "diff_best": None, "p_best": None, "p_best_holm": None, "tied_with_best": None,
+           "mde": None, "mde_n": None, "mde_sd_diff": None, "mde_against": None}
+    if r.is_teacher:
+        row["best_row"] = None
+        return row
+    if s.mean is not None and col.best is not None:
+        row["is_best"] = s.mean == col.summaries[col.best].mean
+    if r.label in col.vs_base:
+        base, t, p = col.vs_base[r.label]
+        row.update(baseline_row=base, n_paired=t.n, diff=t.diff, diff_ci_low=t.ci_low,
+                   diff_ci_high=t.ci_high, p_t=t.p_t, p_perm=t.p_perm, p_test=t.test, p_holm=p,
+                   significant=None if p is None else bool(p < ALPHA))
+    if r.label in col.vs_best:
+        t, p = col.vs_best[r.label]
+        row.update(n_paired_best=t.n, diff_best=t.diff, p_best=t.p, p_best_holm=p,
+                   tied_with_best=None if p is None else bool(p >= ALPHA))
+    if col.mde:
+        row.update(mde=col.mde["mde"], mde_n=col.mde["n"], mde_sd_diff=col.mde["sd"],
+                   mde_against=col.mde["against"])
+    return row
 
 
 # Diagnostics shown in the teacher table (kdbench.diagnostics): accuracy, soft-label entropy and
@@ -187,7 +537,7 @@ DIAGNOSTICS = ("top1", "entropy_T", "nontarget_mass_T", "d_intra", "d_inter", "d
 
 
 def _present(value) -> bool:
-    """A reference row name that is set (pandas turns a missing one into None or NaN)."""
+    """A name that is set (pandas turns a missing one into None or NaN)."""
     return isinstance(value, str) and bool(value)
 
 
@@ -210,25 +560,30 @@ def _diagnostics_table(tsub: pd.DataFrame) -> str:
 
 def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
                       reference_file: str | None = None, plot: bool = True) -> list[Path]:
-    """Writes leaderboard.md, leaderboard.csv and (with matplotlib) leaderboard.png into
-    ``out_dir``; returns the paths written. Without matplotlib the plot is skipped with one
-    line on stderr."""
+    """Writes leaderboard.md (at ``metric``), leaderboard.csv (both metrics) and (with
+    matplotlib) leaderboard.png (at ``metric``) into ``out_dir``; returns the paths written.
+    Without matplotlib the plot is skipped with one line on stderr."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     if not runs_dir.exists():
         raise UserError(f"{runs_dir}: runs folder does not exist")
     metric = metric or "final"
-    df, tdf = collect(runs_dir, metric)
-    tables = build_tables(df, tdf, metric, reference_file)
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    df, tdf, notes = collect(runs_dir)
+    tables = build_tables(df, tdf, metric, reference_file, notes)
     md = "# kdbench leaderboard\n\n" + "\n".join(md for _, md, _ in tables)
     written = [out_dir / "leaderboard.md", out_dir / "leaderboard.csv"]
     atomic_write_bytes(written[0], md.encode())
     long = pd.DataFrame([r for *_, rows in tables for r in rows])
+    for c in INT_COLUMNS:  # counts stay integers next to empty fields
+        long[c] = long[c].astype("Int64")
     atomic_write_bytes(written[1], long.to_csv(index=False).encode())
     if plot:
         from kdbench.plot import MissingMatplotlib, write_plot
 
         try:
-            written.append(write_plot([(title, rows) for title, _, rows in tables], metric,
+            written.append(write_plot([(title, [r for r in rows if r["metric"] == metric])
+                                       for title, _, rows in tables], metric,
                                       out_dir / "leaderboard.png"))
         except MissingMatplotlib as exc:
             print(f"kdbench leaderboard: {exc}", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 Laid out like the tables: one row of panels per table (recipe group × dataset), one panel per
 pair (the table's columns), the table's rows on the y axis in table order (teachers first). Each
-dot is the mean over seeds with a ±1 sample-std error bar; where the recipe names a reference
-table, the paper's number is a hollow diamond on the same line. Teacher rows are grey.
+dot is the mean over seeds with its 95% confidence interval (Student t) as the error bar; a row
+with one seed has no interval and no bar. Where the recipe names a reference table, the paper's
+number is a hollow diamond on the same line. Teacher rows are grey.
 
 matplotlib is the optional extra ``plot`` (``pip install 'kdbench[plot]'``); without it
 :func:`write_plot` raises :class:`MissingMatplotlib`, which the leaderboard reports in one line.
@@ -31,9 +32,19 @@ def _finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def ci_error(row: dict) -> list[list[float]] | None:
+    """The asymmetric error bar [[below], [above]] of a row's 95% interval around its mean;
+    None (no bar) without an interval (n = 1)."""
+    lo, hi, mean = row.get("ci_low"), row.get("ci_high"), row.get("mean")
+    if not (_finite(lo) and _finite(hi) and _finite(mean)):
+        return None
+    return [[mean - lo], [hi - mean]]
+
+
 def write_plot(tables: Sequence[tuple[str, list[dict]]], metric: str, path: Path) -> Path:
-    """``tables``: (title, long-form rows with row/kind/pair/mean/std/n/paper) per table, as
-    :func:`kdbench.leaderboard.build_tables` makes them. Writes a PNG to ``path`` atomically."""
+    """``tables``: (title, long-form rows with row/kind/pair/mean/n/ci_low/ci_high/paper) per
+    table, as :func:`kdbench.leaderboard.build_tables` makes them (one metric's rows). Writes a
+    PNG to ``path`` atomically."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -62,8 +73,7 @@ def write_plot(tables: Sequence[tuple[str, list[dict]]], metric: str, path: Path
                 y = ypos[r["row"]]
                 color = TEACHER_COLOR if r.get("kind") == "teacher" else STUDENT_COLOR
                 if _finite(r["mean"]):
-                    err = r["std"] if _finite(r["std"]) and r.get("n", 0) > 1 else 0.0
-                    ax.errorbar(r["mean"], y, xerr=err, fmt="o", color=color, ms=4,
+                    ax.errorbar(r["mean"], y, xerr=ci_error(r), fmt="o", color=color, ms=4,
                                 capsize=3, elinewidth=1)
                 if _finite(r.get("paper")):
                     ax.plot(r["paper"], y, marker="D", ms=5, mfc="none", color=PAPER_COLOR,
@@ -80,9 +90,9 @@ def write_plot(tables: Sequence[tuple[str, list[dict]]], metric: str, path: Path
                             ha="left", va="bottom")
     handles = [
         axes[0][0].errorbar([], [], xerr=[], fmt="o", color=STUDENT_COLOR, ms=4, capsize=3,
-                            label="student: mean ± std over seeds"),
+                            label="student: mean and 95% CI over seeds"),
         axes[0][0].errorbar([], [], xerr=[], fmt="o", color=TEACHER_COLOR, ms=4, capsize=3,
-                            label="teacher: mean ± std"),
+                            label="teacher: mean and 95% CI"),
     ]
     if any(_finite(r.get("paper")) for _, _, _, rows in layout for r in rows):
         handles += axes[0][0].plot([], [], marker="D", ms=5, mfc="none", color=PAPER_COLOR,

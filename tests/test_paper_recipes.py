@@ -212,7 +212,10 @@ def test_leaderboard_has_the_paper_layout(registry, tmp_path):
             assert f"paper {value:.2f} (Δ " in cell and "(n=2)" in cell
     assert "Teacher diagnostics" in md
     long = list(csv.DictReader(written[1].read_text().splitlines()))
-    assert len(long) == 3 * (2 + len(ROWS))
+    # One row per cell and metric: the CSV holds the final and the best epoch.
+    assert len(long) == 2 * 3 * (2 + len(ROWS))
+    for metric in ("final", "best"):
+        assert len([r for r in long if r["metric"] == metric]) == 3 * (2 + len(ROWS))
     assert {r["kind"] for r in long} == {"teacher", "student"}
 
 
