@@ -71,9 +71,14 @@ def test_best_is_chosen_on_validation_and_epochs_are_evaluated_as_asked(tiny_rec
     evaluated = [e for e in epochs if "val_top1" in e]
     best = max(evaluated, key=lambda e: e["val_top1"])
     assert teacher["best"] == {"top1": best["test_top1"], "top5": best["test_top5"], "epoch": best["epoch"],
-                               "selected_on": "validation", "val_top1": best["val_top1"]}
+                               "selected_on": "validation", "test_images": 24, "val_top1": best["val_top1"]}
+    # The whole test set (24 images) after the last epoch and after each new best on validation;
+    # the subset (8) after the others.
+    for i, e in enumerate(evaluated):
+        new_best = all(e["val_top1"] > f["val_top1"] for f in evaluated[:i])
+        assert e["test_images"] == (24 if new_best or e is evaluated[-1] else 8), (i, e)
     # 12 per class - 3 held out = 9 train; test: 6 per class (4 classes), 2 per class before the last epoch
-    assert teacher["evaluation"] == {"every": 2, "test_images": 24, "test_images_before_last_epoch": 8,
+    assert teacher["evaluation"] == {"every": 2, "test_images": 24, "test_images_other_epochs": 8,
                                      "val_images": 12}
     assert teacher["final"]["epoch"] == 5
 

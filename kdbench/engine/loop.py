@@ -54,9 +54,10 @@ class Diverged(Exception):
 
 @dataclass
 class Evaluation:
-    """What :func:`fit` evaluates after an epoch: the test set every ``every`` epochs and always
-    after the last (the epochs before the last on ``test_during`` instead, if given: a subset,
-    cheaper), and the validation split ``val``, if any, at the same epochs."""
+    """What :func:`fit` evaluates after an epoch: every ``every`` epochs and always after the last,
+    the validation split ``val`` (if any) and the test set — the whole test set after the last
+    epoch and after every epoch that is a new best on validation, ``test_during`` (a subset,
+    cheaper) after the others if given. Each evaluated epoch records ``test_images``."""
 
     every: int = 1
     val: DeviceData | None = None
@@ -68,7 +69,7 @@ class Evaluation:
     def describe(self, test: DeviceData) -> dict:
         """For the record: how each epoch was evaluated."""
         return {"every": self.every, "test_images": len(test),
-                "test_images_before_last_epoch": len(self.test_during or test),
+                "test_images_other_epochs": len(self.test_during or test),
                 "val_images": len(self.val) if self.val is not None else 0}
 
 
@@ -92,6 +93,8 @@ class FitResult:
         best = max(evaluated, key=lambda e: e[key])  # the first of equals: the earliest epoch
         out = {"top1": best["test_top1"], "top5": best["test_top5"], "epoch": best["epoch"],
                "selected_on": "validation" if on_val else "test"}
+        if "test_images" in best:
+            out["test_images"] = best["test_images"]
         if on_val:
             out["val_top1"] = best["val_top1"]
         return out
@@ -287,14 +290,18 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
                            first_bad if first_bad >= 0 else None)
         shown = {"loss": record["train_loss"]}
         if evaluation.due(epoch, schedule.epochs):
-            last = epoch + 1 == schedule.epochs
-            on = test if last or evaluation.test_during is None else evaluation.test_during
-            record.update(evaluate(task.eval_model(), on, eval_batch_size, device, precision))
-            shown["top1"] = record["test_top1"]
+            full = epoch + 1 == schedule.epochs or evaluation.test_during is None
             if evaluation.val is not None:
                 record.update(evaluate(task.eval_model(), evaluation.val, eval_batch_size, device,
                                        precision, split="val"))
                 shown["val_top1"] = record["val_top1"]
+                # A new best on validation is the "best" epoch so far: its test number is taken
+                # on the whole test set, whatever the other epochs use.
+                full = full or all(record["val_top1"] > e["val_top1"] for e in result.epochs if "val_top1" in e)
+            on = test if full else evaluation.test_during
+            record.update(evaluate(task.eval_model(), on, eval_batch_size, device, precision))
+            record["test_images"] = len(on)
+            shown["top1"] = record["test_top1"]
         record.update(task.epoch_stats())
         result.epochs.append(record)
         progress.epoch_done(epoch, shown)

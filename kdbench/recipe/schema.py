@@ -143,8 +143,9 @@ class Recipe(_Strict):
     eval_every: int = Field(1, gt=0, description="evaluate every N epochs (the last epoch always); "
                             "not part of run ids: evaluation does not change training")
     eval_subset_per_class: int | None = Field(
-        None, gt=0, description="evaluate the epochs before the last on this many test images per "
-        "class (the last epoch on the whole test set); not part of run ids")
+        None, gt=0, description="evaluate the test set on this many images per class after the "
+        "epochs that are neither the last nor a new best on validation (those on the whole test "
+        "set); not part of run ids")
     diagnostics_temperature: float = Field(4.0, gt=0)
     dataset: DatasetSpec
     pairs: list[Pair] = Field(min_length=1)
