@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmark scripts: synthetic data, the KD student task built exactly as
-``GridRunner._train_student`` builds it, device handling and markdown tables.
+"""Shared helpers of the benchmark scripts: synthetic data, nets and tasks built by the engine's
+own builders (:mod:`kdbench.engine.tasks`: nothing here builds a task by hand), device handling
+and markdown tables.
 
 Nothing here is timed; the scripts import it as ``_common`` (they run as
 ``python benchmarks/<script>.py`` so this folder is on ``sys.path``).
@@ -117,54 +118,112 @@ def model_spec(name: str, width_mult: float) -> dict:
     return {"name": name, "params": {"width_mult": PUBLISHED_WIDTH.get(name, 1.0) * width_mult}}
 
 
-def build_net(name: str, width_mult: float, num_classes: int, device):
-    from kdbench.engine.runner import build_model
-
-    return build_model(registry(), model_spec(name, width_mult), num_classes).to(device)
+LAYOUTS = ("engine", "channels_last", "contiguous")
 
 
-def frozen_teacher(name: str, width_mult: float, num_classes: int, device):
-    """As ``GridRunner.load_teacher``: eval mode, no gradients (random weights here)."""
-    teacher = build_net(name, width_mult, num_classes, device)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+def memory_format(layout: str):
+    """torch memory format of an explicit layout ("channels_last", "contiguous")."""
+    return {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}[layout]
 
 
-def student_methods(student, teacher, train, device, methods=KD_METHODS):
-    """``[(name, weight, module)]`` built as ``GridRunner._train_student`` builds them."""
-    from kdbench.api import MethodSetup
-    from kdbench.engine.runner import dummy_forward
+def build_net(name: str, width_mult: float, num_classes: int, device, layout: str = "engine",
+              compile: bool = False):
+    """``name`` built and placed by the engine (``tasks.build_model`` + ``tasks.place_model``:
+    channels_last on CUDA, compiled in place if ``compile``). ``layout`` other than "engine"
+    then puts the weights in that memory format (not with ``compile``)."""
+    from kdbench.engine.tasks import build_model, place_model
 
-    setup = MethodSetup(student=student, teacher=teacher,
-                        student_out=dummy_forward(student, train),
-                        teacher_out=dummy_forward(teacher, train) if teacher is not None else None,
-                        num_classes=train.num_classes, num_train_samples=len(train),
-                        train_labels=train.labels, image_size=int(train.images.shape[-1]),
-                        device=torch.device(device))
-    out = []
-    for name, weight, params in methods:
-        plugin = registry().find("student_method", name)
-        method = plugin.factory(plugin.params.model_validate(params), setup)
-        out.append((name, weight, method.to(device)))
-    return out
+    if compile and layout != "engine":
+        raise ValueError("compile=True builds the engine's layout only")
+    model = place_model(build_model(registry(), model_spec(name, width_mult), num_classes),
+                        torch.device(device), compile=compile)
+    if layout != "engine":
+        model = model.to(memory_format=memory_format(layout))
+    return model
 
 
-def kd_task(teacher, student, train, device):
-    """The engine's StudentTask for ce 0.1 + kd 0.9 (T = 4)."""
-    from kdbench.engine.runner import StudentTask
+def freeze(model):
+    """As ``RunTrainer.load_teacher`` leaves a teacher: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
-    return StudentTask(student, teacher, student_methods(student, teacher, train, device))
+
+def frozen_teacher(name: str, width_mult: float, num_classes: int, device, layout: str = "engine",
+                   compile: bool = False):
+    """A frozen teacher (random weights here) as ``RunTrainer.load_teacher`` leaves it."""
+    return freeze(build_net(name, width_mult, num_classes, device, layout, compile))
 
 
-class NoProgress:
-    """The progress interface ``loop.fit`` reports to, silent."""
+def device_data(data, device, layout: str = "engine"):
+    """``DeviceData`` with the registry's augmentation views, as the trainer builds it. The
+    engine's batches are channels_last on CUDA and contiguous on the CPU; ``layout`` other than
+    "engine" makes every batch (and view) come out in that memory format instead."""
+    from kdbench.data.augment import Normalizer
+    from kdbench.data.loader import DeviceData
 
-    def batch(self):
-        pass
+    device = torch.device(device)
+    dd = DeviceData(data, device, registry().view_makers())
+    if layout == "contiguous":
+        dd.normalize = Normalizer(data.mean, data.std, device)  # the engine's, without the CUDA re-layout
+    elif layout == "channels_last":
+        plain = Normalizer(data.mean, data.std, device)
+        dd.normalize = lambda u8: plain(u8).contiguous(memory_format=torch.channels_last)
+    return dd
 
-    def epoch_done(self, epoch, metrics):
-        pass
+
+def batch_layout(data) -> str:
+    """The memory format ``data``'s batches actually come out in (what a row really ran)."""
+    x = data.normalize(data.images[:2])
+    if x.is_contiguous():
+        return "contiguous"
+    return "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "strided"
+
+
+def net_layout(model) -> str:
+    """The memory format of ``model``'s first 4-d weight."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            if p.is_contiguous():
+                return "contiguous"
+            return "channels_last" if p.is_contiguous(memory_format=torch.channels_last) else "strided"
+    return "contiguous"
+
+
+def student_task(student, teacher, train, device, methods=KD_METHODS, precision: str = "fp32",
+                 cast_teacher: bool = True):
+    """The engine's StudentTask for ``methods`` (default: the paper's KD row), built by
+    ``kdbench.engine.tasks.build_student_task`` exactly as a run builds it (sizing forward,
+    then the teacher's one-time cast to ``precision``'s autocast dtype if ``cast_teacher``)."""
+    from kdbench.engine.tasks import build_student_task
+
+    return build_student_task(registry(), list(methods), student, teacher, train,
+                              torch.device(device), precision, cast_teacher=cast_teacher)
+
+
+def teacher_task(model, objective, train, device):
+    """The engine's TeacherTask for ``objective`` = (name, params)."""
+    from kdbench.engine.tasks import build_teacher_task
+
+    return build_teacher_task(registry(), objective, model, train, torch.device(device))
+
+
+def trained_params(task):
+    return [p for m in task.modules() for p in m.parameters() if p.requires_grad]
+
+
+def resolve_precision(device, precision: str) -> str:
+    """What a precision means on ``device``: "bf16" if the engine autocasts to bf16, else "fp32"."""
+    from kdbench.engine.loop import autocast_dtype
+
+    return "bf16" if autocast_dtype(torch.device(device), precision) is not None else "fp32"
+
+
+def NoProgress():
+    """The progress interface ``loop.fit`` reports to, silent (the engine's own)."""
+    from kdbench.progress import SilentProgress
+
+    return SilentProgress()
 
 
 def schedule(batch_size: int, epochs: int = 1, lr: float = 0.05):

@@ -46,8 +46,7 @@ def forever(make_iter):
 
 
 def measure(device_name: str, images, labels, args) -> dict:
-    from kdbench.data.loader import DeviceData
-    from kdbench.engine.runner import data_generator
+    from kdbench.engine.reproducibility import data_generator
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -56,7 +55,7 @@ def measure(device_name: str, images, labels, args) -> dict:
     per_round = max(1, args.round_images // bs)  # batches per timed round
 
     # kdbench: device-resident data, batched augmentation
-    data = DeviceData(C.image_data(images, labels), device)
+    data = C.device_data(C.image_data(images, labels), device)
     gen = data_generator(0, device)
     kd_iter = forever(lambda: data.train_batches(bs, gen))
 

@@ -2,10 +2,11 @@
 
 For each device and teacher -> student pair, a fresh Python process builds the data and the
 teacher once, then, for every method, the student and the method set ``ce + <method>`` exactly
-as ``GridRunner._train_student`` does (real registry, ``build_model``, ``dummy_forward``,
-``MethodSetup``, ``StudentTask``, ``make_optimizer``, ``train_step``; each method gets its own copy
-of the frozen teacher and its own student, optimizer and batch stream, identical across
-methods). Plain KD (``ce + kd``) is always measured in the same process and is the 1.00 of the
+as a run does (the registry, ``tasks.build_model`` + ``place_model``: channels_last on CUDA,
+``tasks.build_student_task``: sizing forward, then the teacher cast once to the autocast dtype;
+``DeviceData`` with the registry's views, ``make_optimizer``, ``train_step``; each method gets its
+own copy of the frozen teacher and its own student, optimizer and batch stream, identical
+across methods). Plain KD (``ce + kd``) is always measured in the same process and is the 1.00 of the
 ratios; ``ce`` (the student alone, no teacher forward) is listed for reference.
 
 What is measured
@@ -16,15 +17,20 @@ What is measured
   methods are timed round robin, one step each per round (``--steps`` rounds, start rotated), so
   that load changes on a shared machine hit every method alike.
 * **peak MiB**: memory the method's training needs above what existed before it was built (the
-  data, the teacher and the methods built before it): the peak over building the student and
-  method and running two steps (the first creates gradients and momentum buffers), measured one
-  method at a time before the timing. It includes student and method parameters and buffers,
-  gradients, momentum buffers, the batch and its views, and the activations of both nets.
-  - CUDA: ``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()`` before
-    (tensor memory; allocator caching and the CUDA context excluded).
-  - CPU: the peak of the net tensor bytes allocated through PyTorch's CPU allocator, from the
-    allocation/free events of ``torch.profiler`` (``profile_memory=True``) over the same span
-    -- the CPU analogue of the CUDA number. Not included: oneDNN-internal scratch memory,
+  data, the teacher and the methods built before it), in steady state: the method is built and
+  runs two warm-up steps (the first creates gradients and momentum buffers; on CUDA the first
+  steps also run cuDNN's autotuning, ``cudnn.benchmark``, whose trial workspaces are not what
+  training needs), then the peak is taken over two more steps, one method at a time before the
+  timing. It includes student and method parameters and buffers, gradients, momentum buffers,
+  the batch and its views, the activations of both nets and the chosen algorithms' workspaces.
+  - CUDA: after the warm-up, ``torch.cuda.reset_peak_memory_stats()``; then
+    ``torch.cuda.max_memory_allocated()`` over the two steps minus
+    ``torch.cuda.memory_allocated()`` before the method was built (tensor memory; allocator
+    caching and the CUDA context excluded).
+  - CPU: the peak of the net tensor bytes allocated through PyTorch's CPU allocator since the
+    method was built, from the allocation/free events of ``torch.profiler``
+    (``profile_memory=True``), taken over the same two steps after the warm-up -- the CPU
+    analogue of the CUDA number. Not included: oneDNN-internal scratch memory,
     Python objects, allocator slack (the process's RSS is not what is reported).
 * **extra params**: trainable parameters the method adds to the optimizer (connectors,
   regressors, embeddings, ...) besides the student's. **extra buffers**: elements of the
@@ -52,21 +58,27 @@ PAIRS = {  # label -> (teacher, student)
     "WRN-40-2 -> WRN-16-2": ("wrn_40_2", "wrn_16_2"),
     "ResNet50 -> MobileNetV2": ("resnet50", "mobilenetv2"),
 }
-PUBLISHED_WIDTH = {"mobilenetv2": 0.5}  # zoo models whose published width_mult is not 1.0
 ONLY_DISTS = "kdbench"
 
 
 # ------------------------------------------------------------------------------------- child
+MEASURE = "kdbench_methods_measure"  # profiler range of the measured steps
+
+
 def _cpu_peak_bytes(prof) -> int:
-    """Peak of the net CPU tensor bytes allocated while ``prof`` ran (PyTorch's CPU allocator
-    reports every allocation and free to the profiler; frees of older blocks are not seen)."""
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type().name == "CPU"]
-    events.sort(key=lambda e: e.start_ns())
+    """Peak, over the ``MEASURE`` range, of the net CPU tensor bytes allocated since ``prof``
+    started (PyTorch's CPU allocator reports every allocation and free to the profiler; frees
+    of older blocks are not seen)."""
+    events = list(prof.profiler.kineto_results.events())
+    marks = [e for e in events if e.name() == MEASURE]
+    start = min(e.start_ns() for e in marks) if marks else 0
+    mem = sorted((e for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"),
+                 key=lambda e: e.start_ns())
     run = peak = 0
-    for e in events:
+    for e in mem:
         run += e.nbytes()
-        peak = max(peak, run)
+        if e.start_ns() >= start:
+            peak = max(peak, run)
     return peak
 
 
@@ -76,16 +88,14 @@ def run_child(cfg: dict) -> dict:
     import copy
     import warnings
 
+    import _common as C
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    from kdbench.api import ImageData, MethodSetup
-    from kdbench.data.loader import DeviceData
+    from kdbench.api import ImageData
     from kdbench.engine.loop import make_optimizer, train_step
-    from kdbench.engine.runner import (StudentTask, build_model, data_generator, dummy_forward,
-                                       seed_everything)
+    from kdbench.engine.reproducibility import data_generator, seed_everything
     from kdbench.recipe import Schedule
-    from kdbench.registry import load_registry
 
     warnings.filterwarnings("ignore")
     if cfg["threads"]:
@@ -93,44 +103,29 @@ def run_child(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    registry = load_registry()
-
-    def spec(name):
-        return {"name": name,
-                "params": {"width_mult": PUBLISHED_WIDTH.get(name, 1.0) * cfg["width_mult"]}}
+    registry = C.registry()
 
     g = torch.Generator().manual_seed(0)
     n, size = cfg["num_train"], cfg["image_size"]
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, cfg["num_classes"], (n,), generator=g)
-    train = DeviceData(ImageData(images, labels, cfg["num_classes"], (0.507, 0.487, 0.441),
-                                 (0.267, 0.256, 0.276)), device)
+    train = C.device_data(ImageData(images, labels, cfg["num_classes"], C.CIFAR100_MEAN,
+                                    C.CIFAR100_STD), device)
     del images, labels
     seed_everything(0, deterministic=False)
-    teacher0 = build_model(registry, spec(cfg["teacher"]), train.num_classes).to(device)
-    teacher0.eval()
-    teacher0.requires_grad_(False)
+    teacher0 = C.frozen_teacher(cfg["teacher"], cfg["width_mult"], train.num_classes, device)
 
     def build(method_name, teacher):
-        """GridRunner._train_student up to fit: student, MethodSetup, methods, task, optimizer."""
+        """A run's student task up to fit: student, methods (builders), optimizer."""
         seed_everything(0, deterministic=False)
-        student = build_model(registry, spec(cfg["student"]), train.num_classes).to(device)
-        setup = MethodSetup(student=student, teacher=teacher,
-                            student_out=dummy_forward(student, train),
-                            teacher_out=dummy_forward(teacher, train) if teacher is not None else None,
-                            num_classes=train.num_classes, num_train_samples=len(train),
-                            train_labels=train.labels, image_size=int(train.images.shape[-1]),
-                            device=device)
+        student = C.build_net(cfg["student"], cfg["width_mult"], train.num_classes, device)
         methods = []
         for name in (["ce"] if method_name == "ce" else ["ce", method_name]):
             plugin = registry.find("student_method", name)
-            weight = 0.1 if name == "ce" else plugin.factory.default_weight
-            method = plugin.factory(plugin.params.model_validate({}), setup)
-            methods.append((name, weight, method.to(device)))
-        task = StudentTask(student, teacher, methods)
-        params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
-        optimizer, _ = make_optimizer(params, Schedule(epochs=1, batch_size=cfg["batch"], lr=0.05),
-                                      device)
+            methods.append((name, 0.1 if name == "ce" else plugin.factory.default_weight, {}))
+        task = C.student_task(student, teacher, train, device, methods, precision=cfg["precision"])
+        optimizer, _ = make_optimizer(C.trained_params(task),
+                                      Schedule(epochs=1, batch_size=cfg["batch"], lr=0.05), device)
         for m in task.modules():
             m.train()
         return task, optimizer
@@ -146,17 +141,20 @@ def run_child(cfg: dict) -> dict:
         return loss.detach(), terms
 
     results, live = {}, {}
-    # Phase 1, one method at a time: build it and run two steps (the first allocates the
-    # gradients and momentum buffers) while measuring the memory above what was there before.
+    # Phase 1, one method at a time: build it, two warm-up steps (gradients, momentum buffers,
+    # cuDNN autotuning), then the peak over two more steps, above what was there before.
     for name in cfg["methods"]:
         teacher = None if name == "ce" else copy.deepcopy(teacher0)  # OFD moves its BN stats
         try:
             if cuda:
                 sync()
                 base = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
                 task, opt = build(name, teacher)
                 it = batches(task.views)
+                for _ in range(2):
+                    step(task, opt, it)
+                sync()
+                torch.cuda.reset_peak_memory_stats(device)
                 for _ in range(2):
                     loss, terms = step(task, opt, it)
                 sync()
@@ -166,7 +164,10 @@ def run_child(cfg: dict) -> dict:
                     task, opt = build(name, teacher)
                     it = batches(task.views)
                     for _ in range(2):
-                        loss, terms = step(task, opt, it)
+                        step(task, opt, it)
+                    with record_function(MEASURE):
+                        for _ in range(2):
+                            loss, terms = step(task, opt, it)
                 peak = _cpu_peak_bytes(prof)
             if not torch.isfinite(loss).item():
                 raise RuntimeError(f"loss not finite: { {k: float(v) for k, v in terms.items()} }")
@@ -176,7 +177,7 @@ def run_child(cfg: dict) -> dict:
         student_ids = {id(p) for p in task.student.parameters()}
         methods = [m for _, _, m in task.methods]
         results[name] = {
-            "peak_bytes": peak,
+            "peak_bytes": peak, "teacher_cast_once": bool(getattr(task, "teacher_cast_once", False)),
             "extra_params": sum(p.numel() for m in methods for p in m.parameters()
                                 if p.requires_grad and id(p) not in student_ids),
             "extra_buffers": sum(b.numel() for m in methods for b in m.buffers()),

@@ -5,34 +5,39 @@ pair and batch size, on the same device, with the same models (the reference's s
 from a copy of kdbench's), the same frozen teacher (eval mode, no gradient) and the same
 synthetic CIFAR-100-shaped data (``--n`` random uint8 3x32x32 images, 100 classes).
 
-* **kdbench**: the engine's own pieces as ``GridRunner`` / ``loop.fit`` use them —
-  ``DeviceData.train_batches`` (device-resident uint8 data, batched crop + flip + normalise),
-  ``runner.StudentTask`` with the registry's ``ce`` and ``kd`` methods, ``loop.make_optimizer``
-  (fused SGD on CUDA, foreach on the CPU), ``loop.autocast`` (precision ``auto`` = bf16 autocast
-  on CUDA, fp32 on the CPU), and fit's per-step metric accumulation on the device (no host read
-  per step); ``seed_everything`` sets ``cudnn.benchmark`` as the runner does.
+* **kdbench**: the engine's own pieces as ``loop.fit`` uses them — ``DeviceData.train_batches``
+  (device-resident uint8 data, batched crop + flip + normalise), the KD ``StudentTask`` built by
+  ``tasks.build_student_task`` (the registry's ``ce`` and ``kd``; the frozen teacher cast once to
+  the autocast dtype after the sizing forward, as a run does), ``loop.make_optimizer`` (fused SGD
+  on CUDA, foreach on the CPU), ``loop.train_step`` (autocast: precision ``auto`` = bf16 on CUDA,
+  fp32 on the CPU) and ``loop.accumulate`` (metrics on the device, no host read per step);
+  ``seed_everything`` sets ``cudnn.benchmark`` as the runner does.
+* **Layouts are explicit per row**: ``--rows`` lists ``precision/layout`` items. ``engine`` is
+  what a run does (``tasks.place_model`` + ``DeviceData``: channels_last nets and batches on
+  CUDA, contiguous on the CPU); ``channels_last`` and ``contiguous`` build both nets and every
+  batch in that memory format. The table's "loop" column names the layout each row actually ran
+  (read back from the weights and a batch), so no row is labelled with a layout it did not use.
 * **reference**: the way RepDistiller's ``train_student.py`` trains: a ``torch.utils.data
   .DataLoader(shuffle=True, num_workers=--workers, pin_memory on CUDA)`` over a ``Dataset`` of
   HWC uint8 numpy images with PIL transforms (``RandomCrop(32, padding=4)``,
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``), ``.cuda()`` of every batch, fp32,
-  the teacher under ``torch.no_grad()``, ``DistillKL`` (``kl_div(..., 'sum') · T² / B``),
-  top-1/top-5 on the device and ``loss.item()`` every step, ``torch.optim.SGD`` with its defaults.
-  The loader's workers are persistent here (RepDistiller restarts them every epoch).
+  contiguous nets and batches, the teacher under ``torch.no_grad()``, ``DistillKL``
+  (``kl_div(..., 'sum') · T² / B``), top-1/top-5 on the device and ``loss.item()`` every step,
+  ``torch.optim.SGD`` with its defaults. The loader's workers are persistent here (RepDistiller
+  restarts them every epoch). On CUDA its "fp32" convolutions use TF32 (PyTorch's default for
+  cuDNN), as RepDistiller would today.
 
 Measurement: ``--rounds`` rounds; in each, every loop runs ``--warmup`` untimed steps (which also
 takes the batches the reference's workers prefetched meanwhile), then ``--steps`` timed steps
 between two device synchronisations; the order of the loops alternates between rounds. Reported:
 median ms per step, images/s, and the median over rounds of the per-round ratio
-kdbench images/s / reference images/s. ``--precision auto,fp32`` also times kdbench in fp32 (a
-separate student copy): on CUDA that separates the bf16 gain from the data path's.
-``--channels-last`` adds kdbench with both nets and the batches in channels_last memory format,
-as the engine runs on CUDA (DeviceData and GridRunner._build). On CUDA the reference's
-"fp32" convolutions use TF32 (PyTorch's default for cuDNN), as RepDistiller would today.
+kdbench images/s / reference images/s. Every loop has its own copy of the teacher (the cast is
+in place) and of the student, from the same initial weights.
 
 Quick CPU run (~2 minutes on 2 shared cores):
-    python benchmarks/step.py --device cpu --threads 1 --width-mult 0.125 --n 2048 --steps 3 --rounds 3 --warmup 2
-Full run (one GPU):
-    python benchmarks/step.py --device cuda --precision auto,fp32 --channels-last
+    python benchmarks/step.py --device cpu --threads 1 --width-mult 0.25 --n 2048 --steps 3 --rounds 3 --warmup 2
+Full run (one GPU): the engine's path, the same with contiguous nets and batches, and fp32:
+    python benchmarks/step.py --device cuda --rows auto/engine,auto/contiguous,fp32/engine
 """
 from __future__ import annotations
 
@@ -58,19 +63,17 @@ class KdbenchLoop:
     """``loop.fit``'s step loop (checkpointing and the stop-signal poll, both off by default,
     left out): ``train_step`` and ``accumulate`` over ``DeviceData.train_batches``."""
 
-    def __init__(self, teacher, student, train, device, bs, precision, channels_last=False):
+    def __init__(self, teacher, student, train, device, bs, precision):
         from kdbench.engine.loop import make_optimizer, new_accum
-        from kdbench.engine.runner import data_generator
+        from kdbench.engine.reproducibility import data_generator
 
         self.device, self.precision = device, precision
-        self.task = C.kd_task(teacher, student, train, device)
-        params = [p for m in self.task.modules() for p in m.parameters() if p.requires_grad]
-        self.optimizer, _ = make_optimizer(params, C.schedule(bs), device)
+        self.task = C.student_task(student, teacher, train, device, precision=precision)
+        self.optimizer, _ = make_optimizer(C.trained_params(self.task), C.schedule(bs), device)
         for m in self.task.modules():
             m.train()
         gen = data_generator(0, device)
         self.batches = forever(lambda: train.train_batches(bs, gen, self.task.views))
-        self.channels_last = channels_last
         self.acc = new_accum(device)
         self.n_steps = 0
 
@@ -78,10 +81,6 @@ class KdbenchLoop:
         from kdbench.engine.loop import accumulate, train_step
 
         batch = next(self.batches)
-        if self.channels_last:  # a no-op on CUDA, where the engine's batches are channels_last
-            cl = torch.channels_last
-            batch.x = batch.x.contiguous(memory_format=cl)
-            batch.views = {k: v.contiguous(memory_format=cl) for k, v in batch.views.items()}
         loss, terms, logits = train_step(self.task, batch, self.optimizer, self.device, self.precision)
         self.n_steps += 1
         accumulate(self.acc, loss, terms, logits, batch.y, self.n_steps)
@@ -123,7 +122,17 @@ class ReferenceLoop:
         self.loss_meter, self.top1_meter, self.count = 0.0, 0.0, 0
 
     def step(self):
-        x, y = next(self.batches)
+        self.step_on(*next(self.batches))
+
+    def epoch(self) -> int:
+        """One pass over the loader (its workers persist; RepDistiller restarts them): steps."""
+        n = 0
+        for x, y in self.loader:
+            self.step_on(x, y)
+            n += 1
+        return n
+
+    def step_on(self, x, y):
         x = x.float()
         if self.cuda:
             x, y = x.cuda(self.device), y.cuda(self.device)
@@ -141,43 +150,58 @@ class ReferenceLoop:
         self.optimizer.step()
 
 
+def parse_rows(text: str) -> list[tuple[str, str]]:
+    rows = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        precision, _, layout = item.partition("/")
+        layout = layout or "engine"
+        if precision not in ("auto", "fp32", "bf16") or layout not in C.LAYOUTS:
+            raise SystemExit(f"--rows: {item!r} is not precision/layout (precision auto|fp32|bf16, "
+                             f"layout {'|'.join(C.LAYOUTS)})")
+        rows.append((precision, layout))
+    return rows
+
+
 def run_config(device_name, pair, bs, images, labels, args) -> dict:
-    from kdbench.data.loader import DeviceData
-    from kdbench.engine.runner import seed_everything
+    from kdbench.engine.reproducibility import seed_everything
 
     device = torch.device(device_name)
     t_name, s_name = C.pair_models(pair)
     seed_everything(0, deterministic=False)  # as the runner: cudnn.benchmark on CUDA
-    train = DeviceData(C.image_data(images, labels), device)
-    teacher = C.frozen_teacher(t_name, args.width_mult, 100, device)
-    student = C.build_net(s_name, args.width_mult, 100, device)
-    init = copy.deepcopy(student.state_dict())
-    precisions = []
-    for p in args.precision:
-        resolved = "bf16" if (p == "auto" and device.type == "cuda") else (
-            "fp32" if p == "auto" else p)
-        if resolved not in [r for _, r in precisions]:
-            precisions.append((p, resolved))
-    loops = {}
-    for i, (p, resolved) in enumerate(precisions):
-        s = student if i == 0 else copy.deepcopy(student)
-        s.load_state_dict(init)
-        loops[f"kdbench {resolved}"] = KdbenchLoop(teacher, s, train, device, bs, p)
-    if args.channels_last and device.type != "cuda":
-        C.log("--channels-last: CUDA only (on this CPU, torch 2.14 corrupts the heap in the "
-              "channels_last backward of nets with 2-channel layers, i.e. width x0.125)")
-    elif args.channels_last:
-        cl = torch.channels_last
-        s = copy.deepcopy(student)
-        s.load_state_dict(init)
-        p, resolved = precisions[0]
-        loops[f"kdbench {resolved} + channels_last nets"] = KdbenchLoop(
-            copy.deepcopy(teacher).to(memory_format=cl), s.to(memory_format=cl), train, device,
-            bs, p, channels_last=True)
-    ref_student = copy.deepcopy(student)
-    ref_student.load_state_dict(init)
-    loops["reference fp32"] = ReferenceLoop(teacher, ref_student, images, labels, device, bs,
-                                            args.workers)
+    data = C.image_data(images, labels)
+    t_state = C.build_net(t_name, args.width_mult, 100, "cpu").state_dict()
+    s_state = C.build_net(s_name, args.width_mult, 100, "cpu").state_dict()
+
+    def nets(layout):
+        """Teacher (frozen) and student with the shared initial weights, in ``layout``."""
+        teacher = C.build_net(t_name, args.width_mult, 100, device, layout)
+        teacher.load_state_dict(t_state)
+        student = C.build_net(s_name, args.width_mult, 100, device, layout)
+        student.load_state_dict(s_state)
+        return C.freeze(teacher), student
+
+    loops, datas = {}, {"engine": C.device_data(data, device)}
+    engine = (C.net_layout(nets("engine")[1]), C.batch_layout(datas["engine"]))  # what a run uses
+    for precision, layout in args.rows:
+        if layout not in datas:
+            datas[layout] = C.device_data(data, device, layout)
+        train = datas[layout]
+        teacher, student = nets(layout)
+        loop = KdbenchLoop(teacher, student, train, device, bs, precision)
+        lay_nets, lay_batch = C.net_layout(student), C.batch_layout(train)
+        shown = (f"{lay_nets} nets + batches" if lay_nets == lay_batch
+                 else f"{lay_nets} nets, {lay_batch} batches")
+        name = (f"kdbench {C.resolve_precision(device, precision)}, {shown}"
+                f"{' (engine)' if (lay_nets, lay_batch) == engine else ''}"
+                f"{', teacher cast once' if loop.task.teacher_cast_once else ''}")
+        if name in loops:
+            raise SystemExit(f"--rows: two rows are the same configuration ({name})")
+        loops[name] = loop
+    teacher, student = nets("contiguous")
+    loops["reference fp32, contiguous"] = ReferenceLoop(teacher, student, images, labels, device,
+                                                        bs, args.workers)
     names = list(loops)
     times = {k: [] for k in names}
     ratios = {k: [] for k in names}
@@ -196,7 +220,7 @@ def run_config(device_name, pair, bs, images, labels, args) -> dict:
             got[name] = (time.perf_counter() - t0) / args.steps
         for k, v in got.items():
             times[k].append(v)
-            ratios[k].append(got["reference fp32"] / v)  # images/s ratio to the reference
+            ratios[k].append(got["reference fp32, contiguous"] / v)  # images/s ratio
         C.log(f"{device_name} {pair} b{bs} round {r + 1}/{args.rounds}: " + ", ".join(
             f"{k} {1e3 * v:.1f} ms" for k, v in got.items()))
     for loop in loops.values():
@@ -228,15 +252,14 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=50000, help="training images (CIFAR: 50000)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                     help="reference DataLoader workers (default min(8, cores); RepDistiller: 8)")
-    ap.add_argument("--precision", default="auto",
-                    help="comma-separated kdbench precisions: auto (bf16 autocast on CUDA, fp32 "
-                    "on the CPU), fp32, bf16; each is a row")
-    ap.add_argument("--channels-last", action="store_true",
-                    help="also time kdbench with both nets and the batches in channels_last "
-                    "memory format, as the engine runs them on CUDA)")
+    ap.add_argument("--rows", default="auto/engine",
+                    help="comma-separated kdbench rows, each precision/layout: precision auto "
+                    "(bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16; layout engine (what "
+                    "a run does: channels_last on CUDA, contiguous on the CPU), channels_last or "
+                    "contiguous (nets and batches)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args(argv)
-    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    args.rows = parse_rows(args.rows)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.warmup:

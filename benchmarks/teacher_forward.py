@@ -2,14 +2,16 @@
 
 * **no_grad** — what the engine does: ``torch.no_grad()`` under the run's autocast, weights as
   stored (fp32), so autocast casts every conv/linear weight to bf16 at every forward.
-* **no_grad, cast once** — the same after ``kdbench.engine.runner.cast_teacher_once`` (conv and
-  linear weights cast to the autocast dtype once; bit-identical outputs). Only where autocast
+* **no_grad, cast once** — the same after ``kdbench.engine.tasks.cast_teacher_once`` (conv and
+  linear weights cast to the autocast dtype once; bit-identical outputs), what
+  ``build_student_task`` does to a run's teacher after the sizing forward. Only where autocast
   is on (CUDA by default, ``--precision bf16`` on the CPU).
 * **inference_mode + clone** — ``torch.inference_mode()``, then every output tensor cloned
   outside it: methods save teacher tensors for their backward (e.g. an MSE target), which
   inference tensors do not allow, so the engine would need that copy.
 
-Per pair (teacher of the pair, random weights, eval mode) and batch size: median ms per forward
+Per pair (teacher of the pair, random weights, eval mode, built and placed by the engine:
+channels_last on CUDA) and batch size: median ms per forward
 (including, for the last row, the clones) over ``--rounds`` rounds of ``--iters`` forwards, the
 rounds alternating between the variants; ratio to **no_grad** in the same run.
 
@@ -30,7 +32,7 @@ import torch
 
 def variants(teacher, t_name, width_mult, train, device, precision):
     from kdbench.engine.loop import autocast, autocast_dtype
-    from kdbench.engine.runner import cast_teacher_once
+    from kdbench.engine.tasks import cast_teacher_once
 
     def no_grad(x):
         with torch.no_grad(), autocast(device, precision):
@@ -46,8 +48,6 @@ def variants(teacher, t_name, width_mult, train, device, precision):
     if autocast_dtype(device, precision) is not None:
         cast_copy = C.frozen_teacher(t_name, width_mult, 100, device)
         cast_copy.load_state_dict(teacher.state_dict())
-        if device.type == "cuda":
-            cast_copy = cast_copy.to(memory_format=torch.channels_last)
         assert cast_teacher_once(cast_copy, train, device, precision)
 
         def cast_once(x):
@@ -73,18 +73,15 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(C.resolve_devices(args.device)[0])
-    from kdbench.data.loader import DeviceData
-    from kdbench.engine.runner import seed_everything
+    from kdbench.engine.reproducibility import seed_everything
 
     seed_everything(0, deterministic=False)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    train = DeviceData(C.image_data(*C.synthetic_images(max(sizes), seed=0)), device)
+    train = C.device_data(C.image_data(*C.synthetic_images(max(sizes), seed=0)), device)
     rows = []
     for pair in C.parse_pairs(args.pairs):
         t_name, _ = C.pair_models(pair)
         teacher = C.frozen_teacher(t_name, args.width_mult, 100, device)
-        if device.type == "cuda":
-            teacher = teacher.to(memory_format=torch.channels_last)
         ways = variants(teacher, t_name, args.width_mult, train, device, args.precision)
         for bs in sizes:
             x = train.normalize(train.images[:bs])
