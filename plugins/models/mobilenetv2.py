@@ -1,5 +1,12 @@
 """MobileNetV2 for CIFAR as used in the KD literature: RepDistiller / mdistiller
-``mobilenetv2.py`` (``mobile_half`` = expansion 6, width multiplier 0.5)."""
+``mobilenetv2.py``, ``mobilenetv2_T_w(T, W)``.
+
+Names: ``mobilenetv2`` is ``mobile_half`` (expansion 6, width multiplier 0.5), the net that
+RepDistiller *and* mdistiller register as ``"MobileNetV2"`` (so "MobileNetV2" in their CIFAR-100
+tables is this half-width net). ``mobilenetv2_w1`` is the same family at full width,
+``mobilenetv2_T_w(6, 1.0)``, which neither code base registers by name (mdistiller's Tiny-
+ImageNet "MobileNetV2" is a different implementation, ``mv2_tinyimagenet.py``, not this one).
+"""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -19,6 +26,10 @@ STAGE_ENDS = (1, 2, 4, 6)  # feats[1:] are the outputs of these block groups (as
 class MobileNetV2Params(WidthParams):
     width_mult: float = Field(0.5, gt=0, le=4)
     expand_ratio: int = Field(6, ge=1)
+
+
+class MobileNetV2W1Params(MobileNetV2Params):
+    width_mult: float = Field(1.0, gt=0, le=4)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
@@ -117,4 +128,9 @@ def kdbench_register_models(register):
     register(
         "mobilenetv2", _factory, params=MobileNetV2Params,
         help="CIFAR MobileNetV2, expansion 6 x width 0.5 (RepDistiller mobile_half)",
+    )
+    register(
+        "mobilenetv2_w1", _factory, params=MobileNetV2W1Params,
+        help="CIFAR MobileNetV2 at full width, expansion 6 x width 1.0 "
+             "(RepDistiller mobilenetv2_T_w(6, 1))",
     )

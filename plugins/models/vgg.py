@@ -1,4 +1,5 @@
-"""CIFAR VGG with BatchNorm (RepDistiller / mdistiller ``vgg.py``, ``vgg13_bn`` and ``vgg8_bn``)."""
+"""CIFAR VGG with BatchNorm (RepDistiller / mdistiller ``vgg.py``: ``vgg8_bn``, ``vgg11_bn``,
+``vgg13_bn``, ``vgg16_bn``, ``vgg19_bn``, registered there as vgg8/11/13/16/19)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -8,9 +9,13 @@ from kdbench.api import KDModel, ModelOutput, hookimpl
 
 from ._common import WidthParams, init_repdistiller, scaled
 
-CFG = {
-    "vgg8": [[64], [128], [256], [512], [512]],  # RepDistiller cfg "S": one conv per group
-    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+CFG = {  # conv widths per group; the RepDistiller cfg letter in the comment
+    "vgg8": [[64], [128], [256], [512], [512]],  # "S": one conv per group
+    "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],  # "A"
+    "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],  # "B"
+    "vgg16": [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]],  # "D"
+    "vgg19": [[64, 64], [128, 128], [256, 256, 256, 256], [512, 512, 512, 512],
+              [512, 512, 512, 512]],  # "E"
 }
 
 
@@ -84,3 +89,6 @@ def kdbench_register_models(register):
              help="CIFAR VGG13 with BN (RepDistiller vgg13_bn)")
     register("vgg8", _factory(CFG["vgg8"]), params=WidthParams,
              help="CIFAR VGG8 with BN, one conv per group (RepDistiller vgg8_bn)")
+    for depth in (11, 16, 19):
+        register(f"vgg{depth}", _factory(CFG[f"vgg{depth}"]), params=WidthParams,
+                 help=f"CIFAR VGG{depth} with BN (RepDistiller vgg{depth}_bn)")

@@ -161,7 +161,6 @@ def _variant(depth: int, widen: int):
 def kdbench_register_models(register):
     register("wrn", _wrn, params=WRNParams,
              help="Wide ResNet WRN-depth-widen_factor for CIFAR (RepDistiller wrn.py)")
-    register("wrn_40_2", _variant(40, 2), params=WRNVariantParams,
-             help="WRN-40-2 for CIFAR (RepDistiller wrn.py)")
-    register("wrn_16_2", _variant(16, 2), params=WRNVariantParams,
-             help="WRN-16-2 for CIFAR (RepDistiller wrn.py)")
+    for depth, widen in ((40, 2), (16, 2), (40, 1), (16, 1)):
+        register(f"wrn_{depth}_{widen}", _variant(depth, widen), params=WRNVariantParams,
+                 help=f"WRN-{depth}-{widen} for CIFAR (RepDistiller wrn.py)")
