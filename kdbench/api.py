@@ -26,7 +26,8 @@ hookimpl = pluggy.HookimplMarker("kdbench")
 class Params(BaseModel):
     """Base of every plugin's config model: unknown keys are errors, values are validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # inf/nan are rejected: a plugin parameter of inf (a temperature, a weight) is a typo.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class NoParams(Params):

@@ -74,7 +74,11 @@ class LoadedRecipe:
         return out
 
 
-def load_recipe(path: str | Path, registry: Registry, check_device: bool = True) -> LoadedRecipe:
+def load_recipe(path: str | Path, registry: Registry, check_device: bool = True,
+                check_files: bool = True) -> LoadedRecipe:
+    """The recipe at ``path``, validated (RecipeError: every problem at once). ``check_device``
+    and ``check_files`` (the reference table, the dataset's folder) can be left out to look at a
+    recipe's structure on a machine that will not run it."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: recipe file not found (check the path)")
@@ -97,7 +101,7 @@ def load_recipe(path: str | Path, registry: Registry, check_device: bool = True)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += [describe(err, raw, locate, Recipe) for err in exc.errors()]
+        problems += [describe(err, raw, locate, Recipe) for err in _one_per_key(exc.errors())]
     # Plugin names and parameters are checked on the raw tables, so that they are reported
     # together with any schema problem elsewhere in the file.
     validated: dict[tuple, Params] = {}
@@ -110,9 +114,87 @@ def load_recipe(path: str | Path, registry: Registry, check_device: bool = True)
                             "(relative paths start at the current directory)")
     if check_device and isinstance(raw.get("device", "auto"), str):
         problems += _check_device(raw.get("device", "auto"), locate)
+    if recipe is not None:
+        problems += _check_across_keys(recipe, locate, path.parent)
+        if check_files:
+            problems += _check_files(recipe, validated, locate)
     if problems or recipe is None:
         raise RecipeError(path, list(dict.fromkeys(problems)))
     return LoadedRecipe(path, recipe, text, validated)
+
+
+_UNION_MEMBERS = {"int", "float", "str", "bool", "list", "dict"}
+
+
+def _one_per_key(errors: list[dict]) -> list[dict]:
+    """A value that fits no member of a union (``int | float``) is one problem, not one per
+    member: the members' names leave the key path and the first error stands for them."""
+    out, seen = [], set()
+    for err in errors:
+        loc = tuple(err["loc"])
+        while loc and isinstance(loc[-1], str) and loc[-1] in _UNION_MEMBERS:
+            loc = loc[:-1]
+        if loc not in seen:
+            seen.add(loc)
+            out.append({**err, "loc": loc})
+    return out
+
+
+def _repeated(values: list) -> list:
+    return sorted({v for v in values if values.count(v) > 1}, key=str)
+
+
+def _check_across_keys(recipe: Recipe, locate: Locator, here: Path) -> list[str]:
+    """Problems no single key shows: repeated labels and seeds, names of labels that do not
+    exist. Each names its key path and line."""
+    problems = []
+
+    def at(key: tuple) -> str:
+        return f"{locate(key)}{dotted(key)}"
+
+    objectives = [t.display for t in recipe.teacher_objectives]
+    for label in _repeated(objectives):
+        i = len(objectives) - 1 - objectives[::-1].index(label)
+        problems.append(f"{at(('teacher_objectives', i, 'label'))}: the teacher objective label "
+                        f"{label!r} is used twice; give each objective a distinct label")
+    sets = [ms.display for ms in recipe.method_sets]
+    for label in _repeated(sets):
+        i = len(sets) - 1 - sets[::-1].index(label)
+        problems.append(f"{at(('method_sets', i, 'label'))}: the method set label {label!r} is used "
+                        "twice (their rows would be merged); give each set a distinct label")
+    for i, ms in enumerate(recipe.method_sets):
+        for j, t in enumerate(ms.teachers or []):
+            if t not in objectives:
+                problems.append(f"{at(('method_sets', i, 'teachers', j))}: names teacher {t!r}, "
+                                f"but the teacher objectives are labelled {objectives}")
+    if _repeated(recipe.seeds):
+        problems.append(f"{at(('seeds',))}: seed(s) {_repeated(recipe.seeds)} appear twice; list "
+                        "each seed once")
+    baseline = recipe.leaderboard.baseline if recipe.leaderboard else None
+    if baseline is not None and baseline not in sets:
+        problems.append(f"{at(('leaderboard', 'baseline'))}: {baseline!r} names no method set; "
+                        f"the method sets are {sets}")
+    return problems
+
+
+def _check_files(recipe: Recipe, validated: dict, locate: Locator) -> list[str]:
+    """Files the grid will read, checked now rather than after training: the reference table,
+    and a dataset's ``root`` folder (a dataset plugin's ``root`` parameter, by convention the
+    folder it reads) unless the dataset downloads it."""
+    problems = []
+    ref = recipe.reference
+    if ref is not None and ref.file is not None and not Path(ref.file).is_file():
+        key = ("reference", "file")
+        problems.append(f"{locate(key)}{dotted(key)}: reference table {ref.file!r} not found "
+                        "(relative paths start at the current directory; omit it for the paper's tables)")
+    params = validated.get(("dataset",))
+    root = getattr(params, "root", None)
+    if root is not None and not getattr(params, "download", False) and not Path(root).exists():
+        key = ("dataset", "root")
+        problems.append(f"{locate(key)}{dotted(key)}: dataset folder {str(root)!r} does not exist "
+                        "(relative paths start at the current directory; set download = true "
+                        "where the dataset plugin can fetch it)")
+    return problems
 
 
 def _check_device(device: str, locate: Locator) -> list[str]:

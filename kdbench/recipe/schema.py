@@ -5,16 +5,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator)
 
 
 class _Strict(BaseModel):
-    # strict: "2" is not an integer and "yes" is not a boolean (ints still pass as floats).
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: "2" is not an integer and "yes" is not a boolean (ints still pass as floats);
+    # inf and nan are not numbers a recipe can mean.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _WithPluginParams(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # The core keys of a plugin table are strict too (field by field: the extra keys are the
+    # plugin's, validated by its own model).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -22,8 +26,8 @@ class _WithPluginParams(BaseModel):
 
 
 class ModelRef(_WithPluginParams):
-    name: str
-    label: str | None = None
+    name: StrictStr
+    label: StrictStr | None = None
 
 
 class Pair(_Strict):
@@ -44,14 +48,14 @@ class Pair(_Strict):
 
 
 class DatasetSpec(_WithPluginParams):
-    name: str
-    subset_per_class: int | None = Field(None, gt=0)
-    test_subset_per_class: int | None = Field(None, gt=0)
+    name: StrictStr
+    subset_per_class: StrictInt | None = Field(None, gt=0)
+    test_subset_per_class: StrictInt | None = Field(None, gt=0)
     val_per_class: StrictInt | StrictFloat | None = Field(
         None, gt=0, description="hold out this many training samples per class (an integer) or "
         "this fraction of each class (a number below 1) as a validation split: the best epoch "
         "is chosen on it; part of run ids")
-    label: str | None = None
+    label: StrictStr | None = None
 
     @field_validator("val_per_class")
     @classmethod
@@ -62,11 +66,11 @@ class DatasetSpec(_WithPluginParams):
 
 
 class TeacherObjectiveSpec(_WithPluginParams):
-    name: str
-    label: str | None = None
-    checkpoint: str | None = Field(None, description="load this published teacher instead of "
-                                   "training one (RepDistiller/mdistiller layouts accepted)")
-    ref_teacher: bool = Field(False, description="these teachers are the reference table's "
+    name: StrictStr
+    label: StrictStr | None = None
+    checkpoint: StrictStr | None = Field(None, description="load this published teacher instead of "
+                                         "training one (RepDistiller/mdistiller layouts accepted)")
+    ref_teacher: StrictBool = Field(False, description="these teachers are the reference table's "
                               "teacher row (the paper's teachers are CE-trained); not part of run ids")
 
     @property
@@ -75,8 +79,8 @@ class TeacherObjectiveSpec(_WithPluginParams):
 
 
 class MethodTerm(_WithPluginParams):
-    name: str
-    weight: float | None = Field(None, ge=0)
+    name: StrictStr
+    weight: float | None = Field(None, ge=0, strict=True)
 
 
 class MethodSet(_Strict):
@@ -90,8 +94,11 @@ class MethodSet(_Strict):
         return self.label or "+".join(m.name for m in self.methods)
 
 
+MAX_EPOCHS = 100_000  # a bound that catches a typo (99999999999999999999999) before it trains
+
+
 class Schedule(_Strict):
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, le=MAX_EPOCHS)
     batch_size: int = Field(gt=1)
     lr: float = Field(gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -165,23 +172,3 @@ class Recipe(_Strict):
         if v not in LAUNCHERS:
             raise ValueError(f"unknown launcher {v!r}; use one of {', '.join(LAUNCHERS)}")
         return v
-
-    @model_validator(mode="after")
-    def _labels_unique(self):
-        labels = [t.display for t in self.teacher_objectives]
-        dupes = {x for x in labels if labels.count(x) > 1}
-        if dupes:
-            raise ValueError(f"teacher_objectives labels must be unique (repeated: {sorted(dupes)}); "
-                             "give each a distinct `label`")
-        sets = [ms.display for ms in self.method_sets]
-        if self.leaderboard and self.leaderboard.baseline and self.leaderboard.baseline not in sets:
-            raise ValueError(f"leaderboard.baseline = {self.leaderboard.baseline!r} names no method "
-                             f"set; method_sets are {sets}")
-        for ms in self.method_sets:
-            for t in ms.teachers or []:
-                if t not in labels:
-                    raise ValueError(f"method set {ms.display!r} names teacher {t!r}, "
-                                     f"but teacher_objectives are {labels}")
-        return self
-
-
