@@ -104,6 +104,15 @@ Scale and stability (measured; read this before putting MLLD in a short or few-c
 
 Schedules: the published MLLD results used 480 epochs against 240 for the baselines (see the
 method card); compare methods on equal schedules.
+
+Logit standardisation (``logit_standardize = true``; Sun et al. 2024, see ``_logits.py``): as in
+the LS reference's ``mdistiller/distillers/MLKD.py`` only the instance-level KL terms see
+z-scored logits (student and teacher, both views); the batch and class Grams and the confidence
+masks use the raw logits, as there. Every KD-type term is multiplied by ``ls_scale`` = 10
+(``kd_weight`` 0.9 → the reference's KD weight 9); the strong-view CE is not (the reference keeps
+CE 0.1). Deviation: the reference sets ``cfg.KD.TEMPERATURE`` to the base temperature 2, which
+turns its temperature list {T, 3, 5, 2, 6} into {2, 3, 5, 2, 6} (T = 2 twice, no T = 4); here
+``temperatures`` stay {2, 3, 4, 5, 6} unless the recipe sets them.
 """
 from __future__ import annotations
 
@@ -114,10 +123,13 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, field_validator, model_validator
 from torch import Tensor
 
-from kdbench.api import Params, StudentMethod, UserError, hookimpl
+from kdbench.api import StudentMethod, UserError, hookimpl
+from kdbench_plugins.students._logits import LogitStandardization, standardize_logits
 
 
-class MLLDParams(Params):
+class MLLDParams(LogitStandardization):
+    ls_defaults = {"ls_scale": 10.0}
+
     temperatures: tuple[PositiveFloat, ...] = Field(
         (2.0, 3.0, 4.0, 5.0, 6.0), min_length=1,
         description="softmax temperatures of the prediction augmentation")
@@ -182,20 +194,26 @@ def class_gram_sq(s: Tensor, t: Tensor, temperature: float) -> Tensor:
 
 def mlld_terms(s_w: Tensor, t_w: Tensor, s_s: Tensor, t_s: Tensor, temperatures,
                kd_weight: float = 0.9, reference_quirks: bool = False,
-               strong_levels=("instance",)) -> dict[str, Tensor]:
+               strong_levels=("instance",), logit_standardize: bool = False) -> dict[str, Tensor]:
     """The KD-type terms of MLLD (weighted by ``kd_weight``, summed over the temperatures); the
-    strong view gets only the levels in ``strong_levels`` (ignored with ``reference_quirks``)."""
+    strong view gets only the levels in ``strong_levels`` (ignored with ``reference_quirks``).
+    With ``logit_standardize`` the instance-level terms see z-scored logits (as the LS
+    reference); batch, class and masks see the raw ones."""
     with torch.autocast(device_type=s_w.device.type, enabled=False):
         s_w, s_s = s_w.float(), s_s.float()
         t_w, t_s = t_w.detach().float(), t_s.detach().float()
         m, n = confidence_masks(t_w)
+        # the instance level's inputs: z-scored under logit standardisation, else the raw logits
+        ins = {"weak": (s_w, t_w), "strong": (s_s, t_s)}
+        if logit_standardize:
+            ins = {v: (standardize_logits(s), standardize_logits(t)) for v, (s, t) in ins.items()}
         terms = {}
         if reference_quirks:
             fm, fn = m.mean(), n.mean()  # the reference's mask acts as this scalar factor
             terms["mlld_instance_weak"] = sum(
-                instance_kl(s_w, t_w, T).mean() * fm for T in temperatures)
+                instance_kl(*ins["weak"], T).mean() * fm for T in temperatures)
             terms["mlld_instance_strong"] = sum(
-                (instance_kl(s_w, t_w, T) if T in (2.0, 6.0) else instance_kl(s_s, t_s, T)).mean()
+                instance_kl(*ins["weak" if T in (2.0, 6.0) else "strong"], T).mean()
                 for T in temperatures)
             terms["mlld_batch_weak"] = sum(
                 batch_gram_sq(s_w, t_w, T).sum() * fm for T in temperatures)
@@ -211,7 +229,7 @@ def mlld_terms(s_w: Tensor, t_w: Tensor, s_s: Tensor, t_s: Tensor, temperatures,
                     total = 0.0
                     for T in temperatures:
                         if level == "instance":
-                            kl = instance_kl(s, t, T)
+                            kl = instance_kl(*ins[view], T)
                             total = total + (kl if a is None else kl * a).sum() / b
                         elif level == "batch":  # masked on both views, as in the reference
                             total = total + (batch_gram_sq(s, t, T) * m).sum()
@@ -233,14 +251,17 @@ class MLLD(StudentMethod):
         self.ce_weight_strong = params.ce_weight_strong
         self.reference_quirks = params.reference_quirks
         self.strong_levels = tuple(params.strong_levels)
+        self.logit_standardize = params.logit_standardize
+        self.ls_factor = params.ls_factor  # on the KD-type terms only
 
     def forward(self, student, teacher, batch, extra):
         if "strong" not in extra or extra["strong"][1] is None:
             raise UserError("mlld needs the strong view of student and teacher (extra['strong'])")
         student_strong, teacher_strong = extra["strong"]
         terms = mlld_terms(student.logits, teacher.logits, student_strong.logits,
-                           teacher_strong.logits, self.temperatures, self.kd_weight,
-                           self.reference_quirks, self.strong_levels)
+                           teacher_strong.logits, self.temperatures,
+                           self.kd_weight * self.ls_factor,
+                           self.reference_quirks, self.strong_levels, self.logit_standardize)
         with torch.autocast(device_type=batch.y.device.type, enabled=False):
             terms["mlld_ce_strong"] = self.ce_weight_strong * F.cross_entropy(
                 student_strong.logits.float(), batch.y)
