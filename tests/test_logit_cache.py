@@ -1,12 +1,10 @@
 """The teacher logit cache (kdbench/engine/logit_cache.py), epoch plans, and the frozen
 teacher's one-time cast to the autocast dtype."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import read_records
 from kdbench.api import ImageData, ModelOutput
 from kdbench.cli import main
 from kdbench.data.augment import crop_flip_code, crop_flip_decode, num_crop_flip_codes
@@ -119,10 +117,6 @@ def test_only_logit_only_sets_with_an_eval_teacher_and_no_views_can_use_the_cach
                        ).logit_cache_blocker() == "no teacher"
 
 
-def _records(root: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (root / "students").glob("*/record.json")}
-
-
 FITNET_SET = """
 [[method_sets]]
 label = "FitNet"
@@ -135,16 +129,12 @@ def test_kd_students_trained_with_the_cache_are_bit_identical(tiny_recipe, tmp_p
     """Two seeds of KD share one teacher (teacher_seed = 0): with the cache their weights are
     bit-identical to the live teacher's, the second student reuses the first one's entries, and
     a FitNet set (reads features) runs live and says why."""
-    recipe = tiny_recipe(seeds=(0, 1), extra=FITNET_SET)
-    text = recipe.read_text().replace("seeds = [0, 1]", "seeds = [0, 1]\nteacher_seed = 0")
-    recipe.write_text(text)
-    cached = tmp_path / "cached.toml"
-    cached.write_text(text.replace("teacher_seed = 0", "teacher_seed = 0\nteacher_logit_cache = true")
-                      .replace('epochs = 1\n', 'epochs = 3\n'))
-    recipe.write_text(text.replace('epochs = 1\n', 'epochs = 3\n'))
+    grid = dict(seeds=(0, 1), extra=FITNET_SET, student_schedule={"epochs": 3})
+    recipe = tiny_recipe(**grid, top={"teacher_seed": 0})
+    cached = tiny_recipe(**grid, top={"teacher_seed": 0, "teacher_logit_cache": True}, file="cached.toml")
     assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "live")]) == 0
     assert main(["run", str(cached), "--plain", "--output", str(tmp_path / "cached")]) == 0
-    live, with_cache = _records(tmp_path / "live"), _records(tmp_path / "cached")
+    live, with_cache = read_records(tmp_path / "live", "students"), read_records(tmp_path / "cached", "students")
     assert live.keys() == with_cache.keys() and len(live) == 6  # the cache is not part of run ids
     for run_id, rec in with_cache.items():
         assert rec["weights_sha256"] == live[run_id]["weights_sha256"]
@@ -172,8 +162,7 @@ methods = [{ name = "ce", weight = 0.1 }, { name = "kd", weight = 0.9, temperatu
 def test_students_of_a_teacher_run_back_to_back_and_share_its_table(tiny_recipe, tmp_path, monkeypatch):
     """Two seeds (a teacher each) x two KD sets: the grid's order alternates teachers; with the
     cache each teacher's two students run one after the other, the second reusing the table."""
-    recipe = tiny_recipe(seeds=(0, 1), extra=TWO_KD_SETS)
-    recipe.write_text(recipe.read_text().replace("seeds = [0, 1]", "seeds = [0, 1]\nteacher_logit_cache = true"))
+    recipe = tiny_recipe(seeds=(0, 1), extra=TWO_KD_SETS, top={"teacher_logit_cache": True})
     from kdbench.engine import trainer
 
     order = []
@@ -181,7 +170,7 @@ def test_students_of_a_teacher_run_back_to_back_and_share_its_table(tiny_recipe,
     monkeypatch.setattr(trainer.RunTrainer, "_train_student",
                         lambda self, spec, ckpt: order.append(spec.teacher and spec.teacher.id) or real(self, spec, ckpt))
     assert main(["run", str(recipe), "--plain"]) == 0
-    recs = [r for r in _records(tmp_path / "runs").values() if r["meta"]["method_set"] != "Student"]
+    recs = [r for r in read_records(tmp_path / "runs", "students").values() if r["meta"]["method_set"] != "Student"]
     assert len(recs) == 4 and len(set(order) - {None}) == 2
     kd_order = [t for t in order if t is not None]
     assert kd_order[0] == kd_order[1] and kd_order[2] == kd_order[3] != kd_order[0]
@@ -195,10 +184,9 @@ def test_a_table_that_does_not_fit_leaves_the_teacher_live(tiny_recipe, tmp_path
     def no_room(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (test)")
     monkeypatch.setattr(logit_cache, "TeacherLogitCache", no_room)
-    recipe = tiny_recipe()
-    recipe.write_text(recipe.read_text().replace("seeds = [0]", "seeds = [0]\nteacher_logit_cache = true"))
+    recipe = tiny_recipe(top={"teacher_logit_cache": True})
     assert main(["run", str(recipe), "--plain"]) == 0
-    kd = next(r for r in _records(tmp_path / "runs").values() if r["meta"]["method_set"] == "KD")
+    kd = next(r for r in read_records(tmp_path / "runs", "students").values() if r["meta"]["method_set"] == "KD")
     assert kd["status"] == "done" and not kd["teacher_logit_cache"]["used"]
     assert kd["teacher_logit_cache"]["why_not"].startswith("no room on cpu for the table")
 
@@ -244,18 +232,15 @@ def test_teacher_cast_is_undone_when_outputs_would_change():
 def test_a_cached_student_interrupted_and_resumed_equals_an_uninterrupted_live_one(tmp_path, monkeypatch, capsys):
     """SIGTERM mid-epoch 2 (teacher, then student), rerun until done: the resumed student,
     whose cache starts empty again, is bit-identical to a live student never interrupted."""
-    from test_resume import RECIPE, _interrupt_and_resume
+    from test_resume import _interrupt_and_resume, _write_recipe
 
-    kd = RECIPE.replace('{{ name = "crd", nce_k = 8, feat_dim = 16 }}', '{{ name = "kd", weight = 0.9 }}')
-    assert kd != RECIPE
-    live = tmp_path / "live.toml"
-    live.write_text(kd.format(output=(tmp_path / "live").as_posix()))
+    kd = [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}]  # in place of CRD
+    live = _write_recipe(tmp_path / "live.toml", tmp_path / "live", methods=kd)
+    assert 'name = "kd"' in live.read_text() and "crd" not in live.read_text()
     assert main(["run", str(live), "--plain"]) == 0
-    cached = tmp_path / "cached.toml"
-    cached.write_text(kd.format(output=(tmp_path / "cached").as_posix())
-                      .replace("seeds = [0]", "seeds = [0]\nteacher_logit_cache = true"))
+    cached = _write_recipe(tmp_path / "cached.toml", tmp_path / "cached", methods=kd, teacher_logit_cache=True)
     _interrupt_and_resume(cached, monkeypatch, capsys)
-    a, b = _records(tmp_path / "live"), _records(tmp_path / "cached")
+    a, b = read_records(tmp_path / "live", "students"), read_records(tmp_path / "cached", "students")
     assert a.keys() == b.keys() and len(a) == 1
     (run_id, rec), = b.items()
     assert rec["trained_by"]["resumed_from"] == {"epochs_done": 1, "batches_done": 2, "step": 5}

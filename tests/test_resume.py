@@ -9,80 +9,35 @@ of the final weights).
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TINY_NET, kdbench_cmd, kdbench_env, read_records, run_kdbench, write_tiny_recipe
 from kdbench.api import NoParams, StudentMethod
 from kdbench.cli import main
 
-RECIPE = """
-name = "resume"
-output = "{output}"
-device = "cpu"
-deterministic = true
-seeds = [0]
-checkpoint_every_steps = 2
+CRD = [{"name": "ce", "weight": 0.1}, {"name": "crd", "nce_k": 8, "feat_dim": 16}]
 
-[dataset]
-name = "synthetic"
-num_classes = 4
-train_per_class = 12
-test_per_class = 6
-image_size = 16
 
-[[pairs]]
-teacher = {{ name = "wrn_16_2", width_mult = 0.25 }}
-student = {{ name = "wrn_16_2", width_mult = 0.25 }}
+def _write_recipe(path: Path, output: Path, methods: list[dict] = CRD, **top) -> Path:
+    """The grid above: the tiny recipe, deterministic, a checkpoint every 2 steps, with the one
+    teacher objective and one method set (``methods``), student epochs 2; ``top``: more
+    top-level keys."""
+    return write_tiny_recipe(
+        path, name="resume", output=output,
+        top={"deterministic": True, "checkpoint_every_steps": 2, **top},
+        pairs=[{"teacher": TINY_NET, "student": TINY_NET}],
+        teacher_objectives=[{"name": "margin_intra", "delta": -1.0, "pipeline_size": 4}],
+        method_sets=[{"label": "CRD", "methods": methods}],
+        reference=None, student_schedule={"epochs": 2, "milestones": [1]})
 
-[[teacher_objectives]]
-name = "margin_intra"
-delta = -1.0
-pipeline_size = 4
-
-[[method_sets]]
-label = "CRD"
-methods = [{{ name = "ce", weight = 0.1 }}, {{ name = "crd", nce_k = 8, feat_dim = 16 }}]
-
-[teacher_schedule]
-epochs = 2
-batch_size = 16
-lr = 0.05
-milestones = [1]
-
-[student_schedule]
-epochs = 2
-batch_size = 16
-lr = 0.05
-milestones = [1]
-"""
 
 COMPARED = ("epochs", "final", "best", "weights_sha256")
-
-
-def _write_recipe(path: Path, output: Path) -> Path:
-    path.write_text(RECIPE.format(output=output.as_posix()))
-    return path
-
-
-def _records(root: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in Path(root).glob("*/*/record.json")}
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDBENCH_TEST_")}
-    env["KDBENCH_ONLY_DISTS"] = "kdbench"
-    # Same intra-op thread count as this process: CPU results are bit-identical only then.
-    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    env.update(extra)
-    return env
 
 
 def _assert_same(records: dict, reference: dict) -> None:
@@ -100,7 +55,7 @@ def reference(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("reference")
     recipe = _write_recipe(tmp / "resume.toml", tmp / "runs")
     assert main(["run", str(recipe), "--plain"]) == 0
-    records = _records(tmp / "runs")
+    records = read_records(tmp / "runs")
     assert len(records) == 2
     for rec in records.values():
         assert rec["deterministic"] is True  # deterministic = true is recorded
@@ -109,6 +64,7 @@ def reference(tmp_path_factory) -> dict[str, dict]:
     return {"records": records, "dir": tmp / "runs"}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_is_bit_identical(reference, tmp_path):
     """Each fresh run is SIGKILLed after step 5; the same command, run again, resumes it from
     its step-4 checkpoint (mid-epoch 2): teacher killed, resumed; student killed, resumed."""
@@ -116,15 +72,15 @@ def test_sigkill_mid_epoch_then_rerun_is_bit_identical(reference, tmp_path):
     recipe = _write_recipe(tmp_path / "resume.toml", out)
     codes = []
     for _ in range(4):
-        proc = subprocess.run([sys.executable, "-m", "kdbench", "run", str(recipe), "--plain"],
-                              env=_env(KDBENCH_TEST_KILL_AT_STEP="5"), capture_output=True,
-                              text=True, timeout=600)
+        # Same intra-op thread count as this process: CPU results are bit-identical only then.
+        env = kdbench_env(threads=torch.get_num_threads(), KDBENCH_TEST_KILL_AT_STEP="5")
+        proc = run_kdbench("run", recipe, "--plain", env=env)
         codes.append(proc.returncode)
         assert "Traceback" not in proc.stderr, proc.stderr
         if proc.returncode == 0:
             break
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
-    records = _records(out)
+    records = read_records(out)
     _assert_same(records, reference["records"])
     for rec in records.values():
         assert rec["trained_by"]["resumed_from"] == {"epochs_done": 1, "batches_done": 1, "step": 4}
@@ -167,7 +123,7 @@ def test_resume_detects_missing_state(reference, tmp_path, monkeypatch, capsys, 
     different student, so the comparison above would catch a checkpoint missing either."""
     recipe = _with_cached_teacher(reference, tmp_path)
     _interrupt_and_resume(recipe, monkeypatch, capsys, omit=omit)
-    records = _records(tmp_path / "runs")
+    records = read_records(tmp_path / "runs")
     student = next(r for r in records.values() if r["kind"] == "student")
     ref = reference["records"][student["id"]]
     assert student["trained_by"]["resumed_from"] == {"epochs_done": 1, "batches_done": 2, "step": 5}
@@ -184,23 +140,24 @@ def test_stop_signal_records_interrupted_and_resumes(reference, tmp_path, monkey
     out = tmp_path / "runs"
 
     def check_interrupted():
-        student = next(r for r in _records(out).values() if r["kind"] == "student")
+        student = next(r for r in read_records(out).values() if r["kind"] == "student")
         assert student["status"] == "interrupted"
         assert student["interrupted"] == {"signal": f"SIG{signame}", "epoch": 2, "step": 5}
         assert len(list(out.rglob("ckpt-*.pt"))) == 2  # the last two
 
     err = _interrupt_and_resume(recipe, monkeypatch, capsys, signame=signame, between=check_interrupted)
     assert "resuming from ckpt-000000005.pt" in err
-    _assert_same(_records(out), reference["records"])
+    _assert_same(read_records(out), reference["records"])
 
 
+@pytest.mark.slow
 def test_external_sigterm_stops_cleanly_and_rerun_finishes(reference, tmp_path):
     """A real SIGTERM from outside while the teacher trains: exit 143 with a clear message,
     an interrupted record with a checkpoint; the same command again finishes identically."""
     out = tmp_path / "runs"
     recipe = _write_recipe(tmp_path / "resume.toml", out)
-    proc = subprocess.Popen([sys.executable, "-m", "kdbench", "run", str(recipe), "--plain"],
-                            env=_env(), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(kdbench_cmd("run", recipe, "--plain"), stderr=subprocess.PIPE, text=True,
+                            env=kdbench_env(threads=torch.get_num_threads()))  # threads: as above
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -212,11 +169,11 @@ def test_external_sigterm_stops_cleanly_and_rerun_finishes(reference, tmp_path):
     assert proc.wait(timeout=600) == 128 + signal.SIGTERM, err
     assert "got SIGTERM" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
-    interrupted = [r for r in _records(out).values() if r["status"] == "interrupted"]
+    interrupted = [r for r in read_records(out).values() if r["status"] == "interrupted"]
     assert len(interrupted) == 1 and interrupted[0]["interrupted"]["signal"] == "SIGTERM"
     assert list(out.rglob("ckpt-*.pt"))
     assert main(["run", str(recipe), "--plain"]) == 0
-    _assert_same(_records(out), reference["records"])
+    _assert_same(read_records(out), reference["records"])
 
 
 @pytest.mark.parametrize("damage", ["newest", "all"])
@@ -239,7 +196,7 @@ def test_corrupt_checkpoints_fall_back_with_a_warning(reference, tmp_path, monke
         assert "resuming from ckpt-000000004.pt" in err
     else:
         assert "no usable checkpoint" in err and "starting the run over" in err
-    _assert_same(_records(out), reference["records"])
+    _assert_same(read_records(out), reference["records"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +247,7 @@ def test_failed_and_diverged_runs_stay_local(tiny_recipe, tmp_path, monkeypatch,
     runs = tmp_path / "runs"
     assert main(["run", str(recipe), "--plain"]) == 1
     err = capsys.readouterr().err
-    records = {r["meta"].get("method_set", "teacher"): r for r in _records(runs).values()}
+    records = {r["meta"].get("method_set", "teacher"): r for r in read_records(runs).values()}
     assert {k: r["status"] for k, r in records.items()} == {
         "teacher": "done", "Student": "done", "KD": "done", "Boom": "diverged", "Explode": "failed"}
     boom, explode = records["Boom"], records["Explode"]
