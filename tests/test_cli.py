@@ -1,22 +1,15 @@
 """End to end through the CLI: run, rerun (idempotent), add a seed, dry run, leaderboard."""
-import json
-import subprocess
-import sys
-from pathlib import Path
+import pytest
 
+from conftest import read_records, run_kdbench
 from kdbench.cli import main
-
-
-def _records(root: Path, kind: str) -> dict[str, dict]:
-    sub = "teachers" if kind == "teacher" else "students"
-    return {p.parent.name: json.loads(p.read_text()) for p in (root / sub).glob("*/record.json")}
 
 
 def test_run_rerun_add_seed_and_leaderboard(tiny_recipe, tmp_path, capsys):
     recipe = tiny_recipe(seeds=(0,))
     assert main(["run", str(recipe), "--plain"]) == 0
     runs = tmp_path / "runs"
-    teachers, students = _records(runs, "teacher"), _records(runs, "student")
+    teachers, students = read_records(runs, "teachers"), read_records(runs, "students")
     assert len(teachers) == 1 and len(students) == 2
     for rec in [*teachers.values(), *students.values()]:
         assert rec["status"] == "done"
@@ -45,7 +38,7 @@ def test_run_rerun_add_seed_and_leaderboard(tiny_recipe, tmp_path, capsys):
     assert "students: 4 in the grid, 2 done, 2 to train" in plan
     assert main(["run", str(recipe), "--plain"]) == 0
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert len(_records(runs, "student")) == 4 and len(_records(runs, "teacher")) == 2
+    assert len(read_records(runs, "students")) == 4 and len(read_records(runs, "teachers")) == 2
 
     out = tmp_path / "lb"
     assert main(["leaderboard", str(runs), "-o", str(out)]) == 0
@@ -61,23 +54,29 @@ def test_same_recipe_and_seed_gives_same_numbers(tiny_recipe, tmp_path):
     recipe = tiny_recipe()
     assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "a")]) == 0
     assert main(["run", str(recipe), "--plain", "--output", str(tmp_path / "b")]) == 0
-    for kind in ("teacher", "student"):
-        a, b = _records(tmp_path / "a", kind), _records(tmp_path / "b", kind)
+    for kind in ("teachers", "students"):
+        a, b = read_records(tmp_path / "a", kind), read_records(tmp_path / "b", kind)
         assert a.keys() == b.keys()
         for k in a:
             strip = lambda eps: [{x: v for x, v in e.items()} for e in eps]
             assert strip(a[k]["epochs"]) == strip(b[k]["epochs"])
 
 
+@pytest.mark.slow
 def test_user_errors_exit_2_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("this is = not [toml")
     for args in (["validate", str(bad)], ["run", str(tmp_path / "missing.toml")],
                  ["leaderboard", str(tmp_path / "nothing")]):
-        proc = subprocess.run([sys.executable, "-m", "kdbench", *args], capture_output=True, text=True)
+        proc = run_kdbench(*args)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.startswith("kdbench: error: ")
+
+
+def _published_ce(checkpoint) -> dict:
+    """The tiny recipe's teacher objective, from a published checkpoint instead of trained."""
+    return {"name": "ce", "checkpoint": checkpoint, "ref_teacher": True}
 
 
 def test_published_teacher_is_loaded_evaluated_and_not_trained(tiny_recipe, tmp_path):
@@ -90,25 +89,25 @@ def test_published_teacher_is_loaded_evaluated_and_not_trained(tiny_recipe, tmp_
     net = plugin.factory(4, plugin.params(width_mult=0.25))
     ckpt = tmp_path / "teacher.pth"
     torch.save({"model": net.state_dict(), "epoch": 240}, ckpt)  # mdistiller's layout
-    recipe = tiny_recipe()
-    recipe.write_text(recipe.read_text().replace(
-        '[[teacher_objectives]]\nname = "ce"',
-        f'[[teacher_objectives]]\nname = "ce"\ncheckpoint = "{ckpt.as_posix()}"'))
+    recipe = tiny_recipe(teacher_objectives=[_published_ce(ckpt)])
     assert main(["run", str(recipe), "--plain"]) == 0
-    (teacher,) = _records(tmp_path / "runs", "teacher").values()
+    (teacher,) = read_records(tmp_path / "runs", "teachers").values()
     assert teacher["status"] == "done" and teacher["epochs"] == []
     assert teacher["published"]["sha256"] == teacher["spec"]["checkpoint"]["sha256"]
     # The cached weights are exactly the checkpoint's, and the recorded accuracy is measured.
     cached = torch.load(tmp_path / "runs" / "teachers" / teacher["id"] / "model.pt", weights_only=True)
     assert all(torch.equal(cached[k], v) for k, v in net.state_dict().items())
     assert 0.0 <= teacher["final"]["top1"] <= 100.0 and "d_intra" in teacher["diagnostics"]
-    kd = [r for r in _records(tmp_path / "runs", "student").values() if r["meta"]["method_set"] == "KD"]
+    kd = [r for r in read_records(tmp_path / "runs", "students").values() if r["meta"]["method_set"] == "KD"]
     assert kd and kd[0]["teacher_id"] == teacher["id"] and kd[0]["status"] == "done"
 
-    # A missing checkpoint is a recipe error (exit 2) naming the key.
-    recipe.write_text(recipe.read_text().replace(ckpt.as_posix(), (tmp_path / "nope.pth").as_posix()))
-    proc = subprocess.run([sys.executable, "-m", "kdbench", "validate", str(recipe)],
-                          capture_output=True, text=True)
+
+@pytest.mark.slow
+def test_a_missing_published_checkpoint_is_a_recipe_error(tiny_recipe, tmp_path):
+    """A missing checkpoint is a recipe error (exit 2) naming the key, from the real process.
+    (The second half of the test above, apart: it needs a subprocess.)"""
+    recipe = tiny_recipe(teacher_objectives=[_published_ce(tmp_path / "nope.pth")])
+    proc = run_kdbench("validate", recipe)
     assert proc.returncode == 2 and "teacher_objectives[0].checkpoint" in proc.stderr
 
 

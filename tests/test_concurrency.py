@@ -2,7 +2,6 @@
 cached teacher is corrupted, and a student whose teacher another process holds waits for it."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -11,20 +10,15 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
+from conftest import kdbench_cmd, kdbench_env, read_records
 from kdbench.cli import main
 from kdbench.engine import queue, runner
 from kdbench.engine.locks import RunLock
 
 DONE = re.compile(r"\(([ts]-[0-9a-f]{16})\): done top1=")  # a run this process trained
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDBENCH_TEST_")}
-    env["KDBENCH_ONLY_DISTS"] = "kdbench"
-    env["OMP_NUM_THREADS"] = "1"  # two processes share the CPUs
-    return env
 
 
 HOLD = textwrap.dedent("""
@@ -44,7 +38,7 @@ HOLD = textwrap.dedent("""
 
 
 def _holder(run_dir: Path, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), *args], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), *args], env=kdbench_env(),
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -64,17 +58,19 @@ def test_lock_is_exclusive_and_dies_with_its_holder(tmp_path):
     lock.release()
 
 
+@pytest.mark.slow
 def test_two_processes_share_a_grid_and_train_each_run_once(tiny_recipe, tmp_path):
     """2 seeds: 2 teachers and 4 students, two processes started together."""
     recipe = tiny_recipe(seeds=(0, 1))
-    cmd = [sys.executable, "-m", "kdbench", "run", str(recipe), "--plain"]
-    procs = [subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cmd = kdbench_cmd("run", recipe, "--plain")
+    # OMP_NUM_THREADS=1 (kdbench_env's default): the two processes share the CPUs.
+    procs = [subprocess.Popen(cmd, env=kdbench_env(), stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errs = [p.communicate(timeout=900)[1] for p in procs]
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err
         assert "Traceback" not in err
     runs = tmp_path / "runs"
-    records = {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("record.json")}
+    records = read_records(runs)
     assert len(records) == 6
     trained = Counter(m for err in errs for m in DONE.findall(err))
     assert trained == Counter({run_id: 1 for run_id in records}), trained

@@ -2,11 +2,8 @@
 global batch exactly, and `torchrun -m kdbench run` matches a single-process run."""
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import TINY_RECIPE
+from conftest import read_records, run_kdbench, write_tiny_recipe
 from kdbench.api import ModelOutput
 from kdbench.engine.distributed import ShardedModel, shard_bounds
 
@@ -67,6 +64,7 @@ def test_shard_bounds():
     assert shard_bounds(16, 4) == [0, 4, 8, 12, 16]
 
 
+@pytest.mark.slow  # two spawned processes: ~7 s on 2 CPU cores
 def test_sharded_step_gives_the_global_batch_gradient(tmp_path):
     torch.manual_seed(0)
     model = Tiny()
@@ -81,17 +79,6 @@ def test_sharded_step_gives_the_global_batch_gradient(tmp_path):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDBENCH_TEST_")}
-    env["KDBENCH_ONLY_DISTS"] = "kdbench"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _records(runs: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("record.json")}
-
-
 # A method set that runs the teacher live (it needs the strong view) next to KD (cached under
 # DDP). (Feature methods such as FitNet amplify the CPU's per-rank BatchNorm noise beyond
 # LOSS_RTOL: FitNet's first-epoch loss differed by 6.5%.)
@@ -103,12 +90,9 @@ methods = [{ name = "ce", weight = 0.1 }, { name = "mlld" }]
 """
 
 
-def _write(folder: Path, top_level: str = "") -> Path:
+def _write(folder: Path, **top) -> Path:
     folder.mkdir()
-    path = folder / "tiny.toml"
-    text = TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0], extra=LIVE_SET)
-    path.write_text(text.replace("seeds = [0]\n", f"seeds = [0]\n{top_level}\n"))
-    return path
+    return write_tiny_recipe(folder / "tiny.toml", extra=LIVE_SET, top=top)
 
 
 # On the CPU there is no SyncBatchNorm: each rank normalises its half of the batch with its own
@@ -117,20 +101,18 @@ def _write(folder: Path, top_level: str = "") -> Path:
 LOSS_RTOL = 0.03
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 def test_torchrun_two_ranks_matches_single_process(tmp_path):
     single = _write(tmp_path / "single")
     # Under DDP the KD student's teacher logits come from the cache, which every rank fills alike.
-    ddp = _write(tmp_path / "ddp", top_level="teacher_logit_cache = true")
-    run = [sys.executable, "-m", "kdbench", "run"]
-    proc = subprocess.run(run + [str(single), "--plain"], env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    ddp = _write(tmp_path / "ddp", teacher_logit_cache=True)
+    proc = run_kdbench("run", single, "--plain")
     assert proc.returncode == 0, proc.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(_free_port()), "-m", "kdbench", "run", str(ddp), "--plain"]
-    proc = subprocess.run(torchrun, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_kdbench("run", ddp, "--plain",
+                       torchrun=["--nproc-per-node", "2", "--master-port", _free_port()])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    expected, got = _records(tmp_path / "single" / "runs"), _records(tmp_path / "ddp" / "runs")
+    expected, got = read_records(tmp_path / "single" / "runs"), read_records(tmp_path / "ddp" / "runs")
     assert got.keys() == expected.keys() and len(got) == 4
     for run_id, rec in got.items():
         assert rec["status"] == "done"

@@ -6,14 +6,12 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RECIPE
+from conftest import kdbench_env, read_records, run_kdbench, write_tiny_recipe
 from kdbench.api import UserError
 from kdbench.cli import main
 from kdbench.launchers.local import KILL_WORKER_ENV, parse_devices
@@ -22,36 +20,17 @@ DONE = re.compile(r"\(([ts]-[0-9a-f]{16})\): done top1=")
 METRICS = ("epochs", "final", "best", "weights_sha256")
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDBENCH_TEST_")}
-    env["KDBENCH_ONLY_DISTS"] = "kdbench"
-    env["OMP_NUM_THREADS"] = "1"  # same threads for every process: bit-identical results
-    return env
-
-
+# Every process runs with kdbench_env()'s OMP_NUM_THREADS=1: same threads, bit-identical results.
 def _recipe(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.toml"
-    path.write_text(TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(),
-                                       seeds=[0, 1], extra=""))
-    return path
-
-
-def _kdbench(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kdbench", "run", *map(str, args), "--plain"],
-                          env=env or _env(), capture_output=True, text=True, timeout=900)
-
-
-def _records(runs: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in runs.rglob("record.json")}
+    return write_tiny_recipe(folder / "tiny.toml", seeds=(0, 1))
 
 
 @pytest.fixture(scope="module")
 def inline_records(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inline")
-    proc = _kdbench(_recipe(folder))
+    proc = run_kdbench("run", _recipe(folder), "--plain", timeout=900)
     assert proc.returncode == 0, proc.stderr
-    records = _records(folder / "runs")
+    records = read_records(folder / "runs")
     assert len(records) == 6  # 2 teachers (one per seed), 4 students
     return records
 
@@ -64,12 +43,13 @@ def _same_metrics(records: dict, expected: dict) -> None:
             assert rec[key] == expected[run_id][key], (run_id, key)
 
 
+@pytest.mark.slow
 def test_local_launcher_two_workers_matches_inline(tmp_path, inline_records):
     recipe = _recipe(tmp_path)
-    proc = _kdbench(recipe, "--launcher", "local", "--workers", "2")
+    proc = run_kdbench("run", recipe, "--launcher", "local", "--workers", "2", "--plain", timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"\[6/6\] finished", proc.stderr), proc.stderr
-    records = _records(tmp_path / "runs")
+    records = read_records(tmp_path / "runs")
     _same_metrics(records, inline_records)
     assert {r["trained_by"]["launcher"] for r in records.values()} == {"local"}
     assert {r["trained_by"]["launcher"] for r in inline_records.values()} == {"inline"}
@@ -86,16 +66,17 @@ def test_local_launcher_two_workers_matches_inline(tmp_path, inline_records):
             assert teacher.stat().st_mtime <= student.stat().st_mtime
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_only_its_run_and_a_rerun_completes(tmp_path, inline_records):
     recipe = _recipe(tmp_path)
-    env = _env()
-    env[KILL_WORKER_ENV] = "0:2"  # worker 0 SIGKILLs itself after step 2 of its first run
-    proc = _kdbench(recipe, "--launcher", "local", "--workers", "2", "--checkpoint-every", "1", env=env)
+    env = kdbench_env(**{KILL_WORKER_ENV: "0:2"})  # worker 0 SIGKILLs itself after step 2 of its first run
+    proc = run_kdbench("run", recipe, "--launcher", "local", "--workers", "2", "--checkpoint-every", "1",
+                       "--plain", env=env, timeout=900)
     assert "worker cpu#0" in proc.stderr and "exited with status -9" in proc.stderr, proc.stderr
     assert proc.returncode in (0, 1), proc.stderr  # 0 if worker 1 finished the grid alone
-    rerun = _kdbench(recipe, "--launcher", "local", "--workers", "2")
+    rerun = run_kdbench("run", recipe, "--launcher", "local", "--workers", "2", "--plain", timeout=900)
     assert rerun.returncode == 0, rerun.stderr
-    records = _records(tmp_path / "runs")
+    records = read_records(tmp_path / "runs")
     _same_metrics(records, inline_records)  # the killed run resumed exactly from its checkpoint
     resumed = [r for r in records.values() if r["trained_by"]["resumed_from"] is not None]
     assert len(resumed) == 1, [r["trained_by"] for r in records.values()]
@@ -121,21 +102,17 @@ def test_workers_need_the_local_launcher(tiny_recipe, capsys):
 # slurm launcher, through submitit's local executor (no Slurm cluster here)
 # ------------------------------------------------------------------------------------------------
 def _one_seed_recipe(folder: Path, teacher_epochs: int = 2) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.toml"
-    text = TINY_RECIPE.format(name="tiny", output=(folder / "runs").as_posix(), seeds=[0], extra="")
-    path.write_text(text.replace("epochs = 2", f"epochs = {teacher_epochs}"))
-    return path
+    return write_tiny_recipe(folder / "tiny.toml", teacher_schedule={"epochs": teacher_epochs})
 
 
+@pytest.mark.slow
 def test_slurm_launcher_local_executor_matches_inline(tmp_path, inline_records):
     pytest.importorskip("submitit")
-    env = _env()
-    env["KDBENCH_SLURM_CLUSTER"] = "local"
-    proc = _kdbench(_one_seed_recipe(tmp_path), "--launcher", "slurm", "--max-parallel", "2",
-                    "--slurm-param", "timeout_min=10", env=env)
+    proc = run_kdbench("run", _one_seed_recipe(tmp_path), "--launcher", "slurm", "--max-parallel", "2",
+                       "--slurm-param", "timeout_min=10", "--plain",
+                       env=kdbench_env(KDBENCH_SLURM_CLUSTER="local"), timeout=900)
     assert proc.returncode == 0, proc.stderr
-    records = _records(tmp_path / "runs")
+    records = read_records(tmp_path / "runs")
     assert len(records) == 3  # seed 0: one teacher, two students
     _same_metrics(records, {k: inline_records[k] for k in records})
     assert {r["trained_by"]["launcher"] for r in records.values()} == {"slurm"}
@@ -144,7 +121,8 @@ def test_slurm_launcher_local_executor_matches_inline(tmp_path, inline_records):
         assert "done top1=" in (folder / "log.txt").read_text()
 
 
-def test_slurm_job_checkpoints_and_requeues_on_timeout_signal(tmp_path):
+@pytest.mark.slow
+def test_slurm_job_checkpoints_and_requeues_on_timeout_signal(tmp_path, monkeypatch):
     """submitit's timeout/preemption signal -> RunJob.checkpoint(): the run writes a checkpoint
     and stops, the job is requeued and the run resumes from that checkpoint."""
     submitit = pytest.importorskip("submitit")
@@ -153,13 +131,14 @@ def test_slurm_job_checkpoints_and_requeues_on_timeout_signal(tmp_path):
     from kdbench.launchers.slurm import RunJob
 
     recipe = _one_seed_recipe(tmp_path, teacher_epochs=30)
-    dry = subprocess.run([sys.executable, "-m", "kdbench", "run", str(recipe), "--dry-run"],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    dry = run_kdbench("run", recipe, "--dry-run", timeout=300)
     teacher_id = re.search(r"train  (t-[0-9a-f]{16})", dry.stdout).group(1)
     run_dir = tmp_path / "runs" / "teachers" / teacher_id
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
     executor.update_parameters(timeout_min=10)
-    os.environ.update({k: v for k, v in _env().items() if k in ("KDBENCH_ONLY_DISTS", "OMP_NUM_THREADS")})
+    for key, value in kdbench_env().items():  # the local executor's job inherits this process's env
+        if key in ("KDBENCH_ONLY_DISTS", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(key, value)
     job = executor.submit(RunJob(str(recipe), teacher_id, str(run_dir / "log.txt"),
                                  ["--checkpoint-every", "1"]))
     deadline = time.time() + 300

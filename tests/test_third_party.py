@@ -8,14 +8,13 @@ so nothing installed in the developer's environment takes part. Tiny on purpose:
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from conftest import TINY_NET, kdbench_env, read_records, run_kdbench, write_tiny_recipe
 
 DIST, VERSION, MODULE, METHOD = "kdbt-lmse", "0.3.0", "kdbt_lmse", "logit_mse"
 BROKEN_DIST = "kdbt-e2e-broken"
@@ -48,45 +47,18 @@ def kdbench_register_student_methods(register):
     register("logit_mse", LogitMSE, params=LogitMSEParams, help="MSE between logits (test)")
 '''
 
-RECIPE = f"""\
-name = "third_party"
-output = "runs"
-device = "cpu"
-seeds = [0]
-eval_batch_size = 64
-
-[dataset]
-name = "synthetic"
-num_classes = 4
-train_per_class = 8
-test_per_class = 4
-image_size = 16
-
-[[pairs]]
-teacher = {{ name = "wrn_16_2", width_mult = 0.25 }}
-student = {{ name = "wrn_16_2", width_mult = 0.25 }}
-
-[[teacher_objectives]]
-name = "ce"
-
-[[method_sets]]
-label = "bare"
-methods = [{{ name = "ce", weight = 0.1 }}, {{ name = "{METHOD}" }}]
-
-[[method_sets]]
-label = "qualified"
-methods = [{{ name = "ce", weight = 0.1 }}, {{ name = "{DIST}:{METHOD}", weight = 0.5, scale = 2.0 }}]
-
-[teacher_schedule]
-epochs = 1
-batch_size = 16
-lr = 0.05
-
-[student_schedule]
-epochs = 1
-batch_size = 16
-lr = 0.05
-"""
+# The tiny recipe, smaller (8 + 4 images per class, one teacher epoch), the method in two sets.
+RECIPE = dict(
+    name="third_party", output="runs", top={"eval_batch_size": 64},  # runs/: relative to the cwd
+    dataset={"train_per_class": 8, "test_per_class": 4},
+    pairs=[{"teacher": TINY_NET, "student": TINY_NET}],
+    teacher_objectives=[{"name": "ce"}],
+    method_sets=[
+        {"label": "bare", "methods": [{"name": "ce", "weight": 0.1}, {"name": METHOD}]},
+        {"label": "qualified", "methods": [{"name": "ce", "weight": 0.1},
+                                           {"name": f"{DIST}:{METHOD}", "weight": 0.5, "scale": 2.0}]},
+    ],
+    reference=None, teacher_schedule={"epochs": 1, "milestones": None})
 
 
 def write_dist(site: Path, name: str, version: str, module: str, source: str) -> None:
@@ -103,18 +75,14 @@ def workdir(tmp_path):
     site = tmp_path / "site"
     write_dist(site, DIST, VERSION, MODULE, PLUGIN)
     write_dist(site, BROKEN_DIST, "0.1", "kdbt_e2e_broken", "raise ImportError('no libfoo here')\n")
-    (tmp_path / "recipe.toml").write_text(RECIPE, encoding="utf-8")
+    write_tiny_recipe(tmp_path / "recipe.toml", **RECIPE)
     return tmp_path
 
 
 def kdbench(workdir: Path, *args: str, dists: str = DIST) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(workdir / "site")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["KDBENCH_ONLY_DISTS"] = f"kdbench,{dists}"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, "-m", "kdbench", *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    """`kdbench ARGS` in ``workdir``, its site folder on PYTHONPATH, kdbench and ``dists`` loaded."""
+    env = kdbench_env(dists=dists.split(","), pythonpath=[workdir / "site"])
+    return run_kdbench(*args, cwd=workdir, env=env)
 
 
 @pytest.mark.slow
@@ -137,11 +105,9 @@ def test_recipe_trains_with_the_third_party_method(workdir):
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     assert "3 done" in res.stderr and "0 failed" in res.stderr  # one teacher, two students
 
-    records = [json.loads(p.read_text()) for p in (workdir / "runs" / "students").glob("*/record.json")]
-    by_set = {r["meta"]["method_set"]: r for r in records}
+    by_set = {r["meta"]["method_set"]: r for r in read_records(workdir / "runs", "students").values()}
     assert set(by_set) == {"bare", "qualified"}, res.stderr
-    teachers = list((workdir / "runs" / "teachers").glob("*/record.json"))
-    assert len(teachers) == 1  # both students share the one teacher
+    assert len(read_records(workdir / "runs", "teachers")) == 1  # both students share the one teacher
 
     bare, qualified = by_set["bare"], by_set["qualified"]
     for rec in (bare, qualified):
