@@ -21,21 +21,9 @@ def test_expansion_counts_and_stable_ids(tiny_recipe, registry):
 
 
 def test_shared_teacher_seed_and_method_set_teacher_filter(tiny_recipe, registry):
-    extra = """
-teacher_seed = 0
-[[teacher_objectives]]
-name = "intra_class"
-label = "intra"
-lambda = 0.01
-[[method_sets]]
-label = "Ours-ish"
-teachers = ["intra"]
-methods = [{ name = "kd" }]
-"""
-    # teacher_seed is a top-level key: put it before any table.
-    path = tiny_recipe(seeds=(0, 1))
-    text = path.read_text().replace('device = "cpu"', 'device = "cpu"\nteacher_seed = 0')
-    path.write_text(text + extra.replace("teacher_seed = 0\n", ""))
+    ours = '[[method_sets]]\nlabel = "Ours-ish"\nteachers = ["intra"]\nmethods = [{ name = "kd" }]\n'
+    path = tiny_recipe(seeds=(0, 1), extra=ours, top={"teacher_seed": 0}, teacher_objectives=[
+        {"name": "ce", "ref_teacher": True}, {"name": "intra_class", "label": "intra", "lambda": 0.01}])
     teachers, students = expand(load_recipe(path, registry), registry)
     assert {t.spec["seed"] for t in teachers} == {0}
     assert {t.meta.objective for t in teachers} == {"ce", "intra"}

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import kdbench
+from conftest import write_tiny_recipe
 from kdbench.api import Params, StudentMethod, UserError
 from kdbench.recipe import RecipeError, load_recipe
 from kdbench.registry import ONLY_DISTS_ENV, Plugin, load_registry
@@ -264,27 +265,9 @@ def test_two_dists_same_name_need_the_qualified_name(site, tmp_path):
         reg.find("student_method", "kdbt-three:twin")
 
     # A recipe that uses the bare name gets the same error, located; the qualified one loads.
-    def recipe(name: str) -> Path:
-        path = tmp_path / f"{name.replace(':', '_')}.toml"
-        path.write_text(textwrap.dedent(f"""\
-            device = "cpu"
-            [dataset]
-            name = "synthetic"
-            [[pairs]]
-            teacher = "wrn_16_2"
-            student = "wrn_16_2"
-            [[method_sets]]
-            methods = [{{ name = "ce", weight = 0.1 }}, {{ name = "{name}" }}]
-            [teacher_schedule]
-            epochs = 1
-            batch_size = 16
-            lr = 0.05
-            [student_schedule]
-            epochs = 1
-            batch_size = 16
-            lr = 0.05
-            """), encoding="utf-8")
-        return path
+    def recipe(name: str) -> Path:  # the tiny recipe with one method set, which uses `name`
+        return write_tiny_recipe(tmp_path / f"{name.replace(':', '_')}.toml",
+                                 method_sets=[{"methods": [{"name": "ce", "weight": 0.1}, {"name": name}]}])
 
     with pytest.raises(RecipeError) as exc:
         load_recipe(recipe("twin"), reg)
