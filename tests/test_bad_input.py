@@ -4,8 +4,6 @@ the test just as a traceback would); two run it as a real subprocess."""
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_kdbench
 from kdbench.api import KDModel, ModelOutput, NoParams
 from kdbench.cli import main
 
@@ -117,14 +116,15 @@ def test_device_that_does_not_exist(tiny_recipe, capsys):
 # ------------------------------------------------------------------------------------------------
 # Data that does not exist or is broken; nets that do not take the data
 # ------------------------------------------------------------------------------------------------
-def _dataset(tiny_recipe, table: str) -> Path:
-    return _recipe(tiny_recipe, ("[dataset]\nname = \"synthetic\"\nnum_classes = 4\ntrain_per_class = 12\n"
-                                 "test_per_class = 6\nimage_size = 16", table))
+def _dataset(tiny_recipe, file: str | None = None, **table) -> Path:
+    """The tiny recipe (at ``file``) with [dataset] = ``table`` in place of the synthetic data."""
+    tiny = dict.fromkeys(("num_classes", "train_per_class", "test_per_class", "image_size"))
+    return tiny_recipe(file=file, dataset={**tiny, **table})
 
 
 def test_dataset_root_that_does_not_exist(tiny_recipe, tmp_path, capsys):
     root = tmp_path / "nowhere"
-    recipe = _dataset(tiny_recipe, f'[dataset]\nname = "cifar10"\nroot = "{root.as_posix()}"')
+    recipe = _dataset(tiny_recipe, name="cifar10", root=root)
     _fails(capsys, ["run", str(recipe)], f"CIFAR-10 not found at {root / 'cifar-10-batches-py'}",
            "fix dataset.root")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("record.json"))
@@ -137,7 +137,7 @@ def test_cifar_folder_with_a_truncated_batch_file(tiny_recipe, tmp_path, capsys)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (folder / name).write_bytes(good)
     (folder / "data_batch_3").write_bytes(good[: len(good) // 2])  # a cut-off download
-    recipe = _dataset(tiny_recipe, f'[dataset]\nname = "cifar10"\nroot = "{(tmp_path / "cifar").as_posix()}"')
+    recipe = _dataset(tiny_recipe, name="cifar10", root=tmp_path / "cifar")
     _fails(capsys, ["run", str(recipe)], str(folder / "data_batch_3"), "truncated or corrupt",
            "download again")
 
@@ -152,14 +152,14 @@ def test_tiny_imagenet_without_val_annotations(tiny_recipe, tmp_path, capsys):
     (root / "val" / "images").mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(root / "val" / "images" / "val_0.JPEG")
     (root / "wnids.txt").write_text("n01\nn02\n")
-    recipe = _dataset(tiny_recipe, f'[dataset]\nname = "tiny_imagenet"\nroot = "{root.as_posix()}"\ncache = false')
+    recipe = _dataset(tiny_recipe, name="tiny_imagenet", root=root, cache=False)
     _fails(capsys, ["run", str(recipe)], str(root / "val" / "val_annotations.txt"), "missing")
 
 
 def test_nets_that_do_not_take_the_images(tiny_recipe, tmp_path, capsys):
     """1-channel images for 3-channel nets: found by a forward of two images before training."""
-    recipe = _dataset(tiny_recipe, '[dataset]\nname = "synthetic"\nnum_classes = 4\ntrain_per_class = 4\n'
-                                   'test_per_class = 2\nimage_size = 16\nchannels = 1')
+    recipe = _dataset(tiny_recipe, name="synthetic", num_classes=4, train_per_class=4, test_per_class=2,
+                      image_size=16, channels=1)
     _fails(capsys, ["run", str(recipe)], str(recipe), "teacher of pair 'T→S': model 'wrn_16_2' "
            "(width_mult=0.25) cannot take the dataset's images (1 channels, 16x16)")
     assert not list((tmp_path / "runs").rglob("record.json"))
@@ -241,14 +241,12 @@ def test_pair_whose_nets_need_another_input_size(tiny_recipe, monkeypatch, capsy
 # ------------------------------------------------------------------------------------------------
 # The real process: status 2 and no traceback
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_subprocess_exit_2_without_traceback(tiny_recipe, tmp_path):
-    import os
-
-    env = {**os.environ, "KDBENCH_ONLY_DISTS": "kdbench"}
     bad = _recipe(tiny_recipe, ("batch_size = 16", "batch_size = -4"))
-    missing = _dataset(tiny_recipe, f'[dataset]\nname = "cifar100"\nroot = "{(tmp_path / "no").as_posix()}"')
+    # Its own file: both were tiny.toml once, the second overwrote the first, untested then.
+    missing = _dataset(tiny_recipe, "missing.toml", name="cifar100", root=tmp_path / "no")
     for recipe in (bad, missing):
-        proc = subprocess.run([sys.executable, "-m", "kdbench", "run", str(recipe)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = run_kdbench("run", recipe, timeout=300)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("kdbench: error: ") and "Traceback" not in proc.stderr
