@@ -175,27 +175,16 @@ def test_unknown_model_suggests_names(registry):
         plugin.params.model_validate({"model": RESNET, "kwargs": {"num_classes": 3}})
 
 
-def test_recipe_with_timm_models_validates(registry, tmp_path):
+def test_recipe_with_timm_models_validates(registry, tiny_recipe, tmp_path):
     from kdbench.recipe import expand, load_recipe
 
-    path = tmp_path / "timm.toml"
-    path.write_text(f"""
-[dataset]
-name = "synthetic"
-[[pairs]]
-teacher = {{ name = "timm", model = "{RESNET}" }}
-student = {{ name = "timm", model = "{MOBILE}", drop_rate = 0.1 }}
-[[method_sets]]
-methods = [{{ name = "ce", weight = 0.1 }}, {{ name = "kd", weight = 0.9 }}]
-[teacher_schedule]
-epochs = 1
-batch_size = 8
-lr = 0.1
-[student_schedule]
-epochs = 1
-batch_size = 8
-lr = 0.1
-""")
+    path = tiny_recipe(
+        file="timm.toml",
+        pairs=[{"teacher": {"name": "timm", "model": RESNET},
+                "student": {"name": "timm", "model": MOBILE, "drop_rate": 0.1}}],
+        method_sets=[{"methods": [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}]}],
+        teacher_schedule={"epochs": 1, "batch_size": 8, "lr": 0.1, "milestones": None},
+        student_schedule={"batch_size": 8, "lr": 0.1})
     teachers, students = expand(load_recipe(path, registry), registry)
     assert len(teachers) == 1 and len(students) == 1
     bad = tmp_path / "bad.toml"
