@@ -16,6 +16,8 @@ os.environ.setdefault("KDBENCH_ONLY_DISTS", "kdbench")  # the built-in plugins o
 
 import torch  # noqa: E402
 
+from _tables import md_table  # noqa: E402,F401  (re-exported)
+
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 PUBLISHED_WIDTH = {"mobilenetv2": 0.5}  # zoo models whose published width_mult is not 1.0
@@ -262,16 +264,6 @@ def pil_transform(size: int = 32):
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
-
-
-def md_table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
-    """A markdown table; columns whose index is in ``right`` are right-aligned (default: all
-    but the first two)."""
-    right = set(range(2, len(headers))) if right is None else right
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def log(msg: str) -> None:
