@@ -195,6 +195,7 @@ def test_default_strong_view_has_the_reference_terms():
     assert set(quirks) == set(default)
 
 
+@pytest.mark.slow  # 5 s of numpy at 100 classes
 def test_strong_class_level_dominates_with_few_classes():
     """The documented reason for the default: with few classes and teacher-like logits the
     (unmasked) strong class term is as large as the instance terms; with many classes it is

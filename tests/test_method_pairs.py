@@ -48,7 +48,9 @@ PAIRS = [  # (teacher, student): the CIFAR-100 pairs of the papers' tables
     ("vgg13", "mobilenetv2"),
     ("wrn_40_2", "shufflenetv2"),
 ]
-SIZES = [32, 64]
+# 64 px (Tiny-ImageNet) doubles the grid's time and exercises the same code: CI runs it, the
+# quick loop (-m "not slow") every method and pair at 32 px only.
+SIZES = [32, pytest.param(64, marks=pytest.mark.slow)]
 
 # The terms each method returns (checked exactly in the combination tests).
 TERMS = {
