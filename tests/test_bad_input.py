@@ -123,8 +123,13 @@ def _dataset(tiny_recipe, file: str | None = None, **table) -> Path:
 
 
 def test_dataset_root_that_does_not_exist(tiny_recipe, tmp_path, capsys):
+    """A root folder that is missing is found when the recipe is validated; one that exists but
+    lacks the dataset's files, by the plugin when the run loads it."""
     root = tmp_path / "nowhere"
     recipe = _dataset(tiny_recipe, name="cifar10", root=root)
+    _fails(capsys, ["run", str(recipe)], f"dataset.root: dataset folder '{root.as_posix()}' does not exist",
+           "set download = true")
+    root.mkdir()
     _fails(capsys, ["run", str(recipe)], f"CIFAR-10 not found at {root / 'cifar-10-batches-py'}",
            "fix dataset.root")
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("record.json"))
