@@ -71,3 +71,40 @@ def test_missing_files_are_found_when_the_recipe_is_validated(tiny_recipe, tmp_p
                                                'test_per_class = 6\nimage_size = 16',
                                                f'name = "cifar100"\nroot = "{root}"\ndownload = true'))
     load_recipe(downloads, registry)  # a folder the plugin will download into may not exist yet
+
+
+# ------------------------------------------------------------------------------ per-pair overrides
+SECOND_PAIR = '''[[pairs]]
+teacher = { name = "wrn_16_2", width_mult = 0.25 }
+student = { name = "vgg8", width_mult = 0.125 }
+label = "T→V"
+student_schedule = { lr = 0.01 }
+method_params = { kd = { temperature = 2.0 } }
+
+'''
+
+
+def test_a_pair_can_use_its_own_student_lr_and_method_parameters(tiny_recipe, registry):
+    from kdbench.recipe import expand
+
+    plain = expand(load_recipe(tiny_recipe(name="plain"), registry), registry)[1]
+    recipe = _edit(tiny_recipe(name="pairs"), ("[[teacher_objectives]]", SECOND_PAIR + "[[teacher_objectives]]"))
+    _, students = expand(load_recipe(recipe, registry), registry)
+    first = [s for s in students if s.meta.pair == "T→S"]
+    second = [s for s in students if s.meta.pair == "T→V"]
+    assert [s.id for s in first] == [s.id for s in plain]  # the other pair's runs are unchanged
+    assert {s.spec["schedule"]["lr"] for s in second} == {0.01} and {s.spec["schedule"]["lr"] for s in first} == {0.05}
+    (kd,) = [s for s in second if s.meta.method_set == "KD"]
+    assert kd.spec["methods"][1] == {"name": "kd", "weight": 0.9, "params": {"temperature": 2.0}}
+    assert kd.method_terms()[1][2].temperature == 2.0  # the validated object the engine builds from
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("student_schedule = { lr = -1 }", "pairs[1].student_schedule.lr: Input should be greater than 0"),
+    ("method_params = { fitnet = { hint = 2 } }", "pairs[1].method_params.fitnet: no method set uses a method 'fitnet'"),
+    ("method_params = { kd = { temprature = 2.0 } }", "pairs[1].method_params.kd.temprature: Extra inputs are not permitted"),
+])
+def test_a_bad_pair_override_is_a_problem_with_its_key(tiny_recipe, registry, override, needle):
+    second = SECOND_PAIR.replace("student_schedule = { lr = 0.01 }\nmethod_params = { kd = { temperature = 2.0 } }", override)
+    recipe = _edit(tiny_recipe(), ("[[teacher_objectives]]", second + "[[teacher_objectives]]"))
+    assert needle in _problems(recipe, registry)

@@ -68,9 +68,14 @@ class LoadedRecipe:
     def plugin_params(self, registry: Registry) -> dict[tuple, Params]:
         """Every plugin table's validated parameters: those the check produced, and (for tables
         it did not see, such as the default ``ce`` objective) validated now."""
-        out = {}
+        out = dict(self.params)
         for kind, path, table in self.plugin_tables():
-            out[path] = self.params.get(path) or registry.find(kind, table.name).params.model_validate(table.params)
+            if path not in out:
+                out[path] = registry.find(kind, table.name).params.model_validate(table.params)
+        if any(pair.method_params for pair in self.recipe.pairs) and not any(k[0] == "pairs" and len(k) > 3 for k in out):
+            problems = _check_pair_overrides(self.recipe, registry, Locator(self.text), out)
+            if problems:
+                raise RecipeError(self.path, problems)
         return out
 
 
@@ -116,6 +121,7 @@ def load_recipe(path: str | Path, registry: Registry, check_device: bool = True,
         problems += _check_device(raw.get("device", "auto"), locate)
     if recipe is not None:
         problems += _check_across_keys(recipe, locate, path.parent)
+        problems += _check_pair_overrides(recipe, registry, locate, validated)
         if check_files:
             problems += _check_files(recipe, validated, locate)
     if problems or recipe is None:
@@ -175,6 +181,44 @@ def _check_across_keys(recipe: Recipe, locate: Locator, here: Path) -> list[str]
         problems.append(f"{at(('leaderboard', 'baseline'))}: {baseline!r} names no method set; "
                         f"the method sets are {sets}")
     return problems
+
+
+def _check_pair_overrides(recipe: Recipe, registry: Registry, locate: Locator, validated: dict) -> list[str]:
+    """A pair's ``student_schedule`` and ``method_params``: merged over the recipe's and
+    validated; each overridden method's parameters go into ``validated`` under
+    ``("pairs", i, "method_sets", m, "methods", j)``."""
+    problems = []
+    used = {t.name for ms in recipe.method_sets for t in ms.methods}
+    for i, pair in enumerate(recipe.pairs):
+        if pair.student_schedule:
+            try:
+                Schedule.model_validate({**recipe.student_schedule.model_dump(), **pair.student_schedule})
+            except ValidationError as exc:
+                for err in _one_per_key(exc.errors()):
+                    key = ("pairs", i, "student_schedule", *err["loc"])
+                    problems.append(f"{locate(key)}{dotted(key)}: {err['msg']}")
+        for name, override in (pair.method_params or {}).items():
+            key = ("pairs", i, "method_params", name)
+            if name not in used:
+                problems.append(f"{locate(key)}{dotted(key)}: no method set uses a method {name!r} "
+                                f"(the methods are {sorted(used)})")
+                continue
+            if not isinstance(override, dict):
+                problems.append(f"{locate(key)}{dotted(key)}: expected a table of {name}'s parameters")
+                continue
+            for m, ms in enumerate(recipe.method_sets):
+                for j, term in enumerate(ms.methods):
+                    if term.name != name:
+                        continue
+                    plugin = registry.find("student_method", name)
+                    try:
+                        validated[("pairs", i, "method_sets", m, "methods", j)] = \
+                            plugin.params.model_validate({**term.params, **override})
+                    except ValidationError as exc:
+                        for err in _one_per_key(exc.errors()):
+                            where = key + tuple(err["loc"])
+                            problems.append(f"{locate(where)}{dotted(where)}: {err['msg']}")
+    return list(dict.fromkeys(problems))
 
 
 def _check_files(recipe: Recipe, validated: dict, locate: Locator) -> list[str]:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from kdbench.api import Params
 from kdbench.registry import Registry
 
+from kdbench.recipe.schema import Schedule
+
 if TYPE_CHECKING:
     from kdbench.recipe import LoadedRecipe
     from kdbench.recipe.schema import MethodTerm, ModelRef
@@ -138,7 +140,12 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
     for (p, pair), (m, ms) in product(enumerate(r.pairs), enumerate(r.method_sets)):
         t_model, t_params = model(pair.teacher, ("pairs", p, "teacher"))
         s_model, s_params = model(pair.student, ("pairs", p, "student"))
-        terms = [validated[("method_sets", m, "methods", j)] for j in range(len(ms.methods))]
+        # A pair's own method parameters (its method_params) stand in for the set's.
+        terms = [validated.get(("pairs", p, "method_sets", m, "methods", j), validated[("method_sets", m, "methods", j)])
+                 for j in range(len(ms.methods))]
+        student_schedule = r.student_schedule.model_dump()
+        if pair.student_schedule:  # only then: the ids of other pairs' runs stay the same
+            student_schedule = Schedule.model_validate({**student_schedule, **pair.student_schedule}).model_dump()
         needs_teacher = any(registry.find("student_method", t.name).factory.needs_teacher
                             for t in ms.methods)
         objectives = [(o, obj) for o, obj in enumerate(r.teacher_objectives)
@@ -165,7 +172,7 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                      "methods": [{"name": registry.canonical_name("student_method", t.name),
                                   "weight": _weight(t, registry),
                                   "params": resolved(tp)} for t, tp in zip(ms.methods, terms)],
-                     "schedule": r.student_schedule.model_dump(), "seed": seed}
+                     "schedule": student_schedule, "seed": seed}
             students.append(RunSpec("student", sspec, StudentMeta(
                 **labels, pair=pair.display, pair_index=p, method_set=ms.display,
                 method_set_index=m, objective=obj.display if obj else None, objective_index=o,

@@ -36,6 +36,12 @@ class Pair(_Strict):
     label: str | None = None
     ref_teacher: str | None = Field(None, description="teacher name in the reference table")
     ref_student: str | None = Field(None, description="student name in the reference table")
+    student_schedule: dict[str, Any] | None = Field(
+        None, description="keys of [student_schedule] this pair's students use instead (e.g. "
+        "lr = 0.01 for MobileNetV2/ShuffleNet students, as the reference scripts)")
+    method_params: dict[str, dict[str, Any]] | None = Field(
+        None, description="parameters of a method this pair's students use instead of the method "
+        "set's, by method name (e.g. { dkd = { beta = 2.0 } }, DKD's per-pair β)")
 
     @field_validator("teacher", "student", mode="before")
     @classmethod
