@@ -42,7 +42,6 @@ Full run (one GPU): the engine's path, the same with contiguous nets and batches
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time

@@ -265,13 +265,15 @@ def main(argv=None) -> int:
     save()
     for i, (key, spec, objective, suffix) in enumerate(plan):
         steps = args.steps
-        if args.budget_s is not None and rows:
+        done = [r for r in rows if "error" not in r]
+        if args.budget_s is not None and done:
+            # What is left of the budget, shared by the rows left; the last measured row's
+            # step time and fixed cost (build, warm-up, eval) as the estimate of the next.
             left = args.budget_s - (time.perf_counter() - t_start)
             per_row = left / (len(plan) - i)
-            last = rows[-1]
-            overhead = last["wall_s"] - last["steps"] * last.get("step_s", 0)
-            est = last.get("step_s") or 0.01
-            steps = int(max(args.min_steps, min(args.steps, (per_row - overhead) / est)))
+            last = done[-1]
+            overhead = max(0.0, last["wall_s"] - last["steps"] * last["step_s"])
+            steps = int(max(args.min_steps, min(args.steps, (per_row - overhead) / last["step_s"])))
         run = scaled_spec(spec, args)
         pair, label = row_label(groups[key])
         label += suffix
