@@ -25,8 +25,10 @@ The cache's exactness is therefore checked separately (``--identity-students`` s
 ``cudnn.deterministic`` on: per student, a live run, a second live run and a cached run; the
 cache is exact if cached == live, and the check is only conclusive where live == live (other
 non-deterministic CUDA kernels, e.g. atomics in a backward, can differ run to run).
-(``torch.use_deterministic_algorithms`` is not used: per PyTorch's documentation it raises on
-CUDA in ``nll_loss`` and in ``AdaptiveAvgPool2d``'s backward, both in every KD step here.)
+(``torch.use_deterministic_algorithms`` is not used for it: per PyTorch's documentation it raises
+on CUDA in ``nll_loss`` and in ``AdaptiveAvgPool2d``'s backward, both in every KD step here. One
+KD step under it — what the recipe option ``deterministic = true`` does — is tried and its outcome
+printed, so the first GPU run says whether that option works there.)
 
 Below the tables, the expected share of teacher forwards saved on the paper's CIFAR-100 grid
 (nothing is timed there): with ``E`` epochs and ``k`` students drawing views of one teacher,
@@ -89,6 +91,29 @@ def train_students(args, device, train, test, teacher, students: int, epochs: in
             C.log(f"student {seed} {mode:6s}: {runs[mode]['seconds']:.2f} s")
         out.append(runs)
     return out
+
+
+def deterministic_probe(args, device, train, teacher) -> str:
+    """One KD step under the engine's ``deterministic = true`` (``seed_everything(seed, True)``:
+    ``torch.use_deterministic_algorithms(True)``): does it run on this device? The settings are
+    restored after."""
+    from kdbench.engine.loop import make_optimizer, train_step
+    from kdbench.engine.reproducibility import data_generator, seed_everything
+
+    _, s_name = C.pair_models(args.pair)
+    try:
+        seed_everything(0, deterministic=True)
+        student = C.build_net(s_name, args.width_mult, 100, device)
+        task = C.student_task(student, teacher, train, device, precision=args.precision)
+        opt, _ = make_optimizer(C.trained_params(task), C.schedule(args.batch_size), device)
+        batch = next(train.train_batches(args.batch_size, data_generator(0, device), task.views))
+        loss, _, _ = train_step(task, batch, opt, device, args.precision)
+        C.sync(device)
+        return f"runs (loss {float(loss):.3f})"
+    except Exception as exc:
+        return f"**raises** {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    finally:
+        seed_everything(0, deterministic=False)
 
 
 def expected_share_computed(draws: int) -> float:
@@ -166,6 +191,7 @@ def main(argv=None) -> int:
                                       args.identity_epochs, modes=("live", "live2", "cache"))
         finally:
             cudnn.benchmark, cudnn.deterministic = saved
+    probe = deterministic_probe(args, device, train, teacher) if args.identity_students else None
 
     cast = results[0]["live"]["cast"]
     print(f"\n*{args.students} KD students of one frozen {t_name} teacher ({args.pair}, width "
@@ -202,6 +228,9 @@ def main(argv=None) -> int:
                           f"{r['cache']['computed']:,} / {r['cache']['served']:,}", verdict])
         print(C.md_table(["run", "live == live", "cache == live", "teacher forwards (computed / "
                           "served)", "cache"], irows, right={3}))
+    if probe is not None:
+        print(f"\nA KD step under the recipe option deterministic = true "
+              f"(torch.use_deterministic_algorithms(True)) on {C.device_label(device)}: {probe}.")
     print()
     print("\n".join(grid_lines(args)))
     not_exact = any(r["live"]["weights"] == r["live2"]["weights"] != r["cache"]["weights"]
