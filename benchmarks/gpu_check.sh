@@ -8,7 +8,7 @@
 #                                                           # at tiny sizes, bf16 autocast (what
 #                                                           # "auto" is on CUDA), ~3 min
 # Options: --device cuda|cpu, --precision auto|bf16|fp32 (kdbench's rows; default auto),
-# --tiny (CPU sizes on any device), --budget SECONDS (whole run; default 345 on CUDA, 900 CPU),
+# --tiny (CPU sizes on any device), --budget SECONDS (whole run; default 330 on CUDA, 900 CPU),
 # --print-commands (each stage's time limit and command, nothing run).
 # Environment: OUT=<folder> (default: a new temporary folder, printed at the end) receives
 #   summary.md   the targets in ONE table, the stages (exit status, seconds, command), then every
@@ -42,6 +42,7 @@ case "$DEVICE" in cuda|cpu) ;; *) echo "gpu_check.sh: --device cuda|cpu" >&2; ex
 case "$PRECISION" in auto|bf16|fp32) ;; *) echo "gpu_check.sh: --precision auto|bf16|fp32" >&2; exit 2 ;; esac
 [ "$DEVICE" = cpu ] && TINY=1
 
+START=$(date +%s)  # the budget counts from here (CUDA's check and every stage included)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${PYTHON:-python3}"
 OUTDIR="${OUT:-$(mktemp -d -t kdbench_gpu_check.XXXXXX)}"
@@ -54,11 +55,11 @@ LOG="$OUTDIR/gpu_check.log"
 export PYTHONUNBUFFERED=1
 
 if [ "$DEVICE" = cuda ] && [ -z "$PRINT" ]; then
-  if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  if ! GPU="$("$PY" -c 'import sys, torch
+sys.exit(1) if not torch.cuda.is_available() else print(torch.cuda.get_device_name())')"; then
     echo "gpu_check.sh: no CUDA device visible to $PY (use --device cpu)" >&2
     exit 2
   fi
-  GPU="$("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
 elif [ "$DEVICE" = cuda ]; then
   GPU="(not asked: --print-commands)"
 else
@@ -69,7 +70,7 @@ P=(--precision "$PRECISION")
 PAIR="wrn_40_2->wrn_16_2"
 
 if [ -z "$TINY" ]; then
-  BUDGET="${BUDGET:-345}"
+  BUDGET="${BUDGET:-330}"  # + at most 10 s for a killed stage to exit: < 6 min in all
   # name | time limit (s) | script and arguments. Sized for one H100/H200 (estimates: the first
   # GPU run is the test): the targets first, then parity, the cache, compile, the step isolation.
   STAGES=(epoch table1 parity logit_cache epoch_compiled step augment)
@@ -131,7 +132,6 @@ if [ -n "$PRINT" ]; then  # each stage: name, time limit, then its command (one 
   exit 0
 fi
 
-START=$(date +%s)
 FAILED=()
 TITLE="kdbench gpu_check: $DEVICE (GPU: $GPU), precision $PRECISION$([ -n "$TINY" ] && echo ', tiny sizes'), $(date -u '+%Y-%m-%d %H:%M UTC')"
 

@@ -109,7 +109,7 @@ def deterministic_probe(args, device, train, teacher) -> str:
         batch = next(train.train_batches(args.batch_size, data_generator(0, device), task.views))
         loss, _, _ = train_step(task, batch, opt, device, args.precision)
         C.sync(device)
-        return f"runs (loss {float(loss):.3f})"
+        return f"runs (loss {float(loss.detach()):.3f})"
     except Exception as exc:
         return f"**raises** {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     finally:

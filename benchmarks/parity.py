@@ -68,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import signal
 import sys
 import time
 
@@ -242,6 +243,14 @@ def rel_err(a, b):
 NAN = float("nan")
 
 
+class Stopped(BaseException):
+    """SIGTERM (a stage's time limit): stop checking, print the table of what was checked."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by signal {signum}")
+
+
 def failed(note: str, cast=False, ok=False, skipped=False) -> dict:
     return {"ok": ok, "skipped": skipped, "terms": {}, "grad": NAN, "head": NAN, "update": NAN,
             "note": note, "cast": cast}
@@ -342,69 +351,77 @@ def main(argv=None) -> int:
 
     rows, failures, skips, t_start = [], 0, 0, time.perf_counter()
     worst = {c: {"term": 0.0, "head": 0.0, "grad": 0.0, "update": 0.0} for c in checks}
-    for label in C.parse_pairs(args.pairs):
-        pair = Pair(label, args)
-        for kind, name, params, shown in plugins:
-            t0 = time.perf_counter()
-            results: dict[str, dict] = {}
-            terms_shown = ""
-            try:
-                task, model, module = build_task(pair, kind, name, params, cfgs["ref"])
-                state = copy.deepcopy(module.state_dict())
-                negatives = None
-                if hasattr(module, "sample_negatives"):  # CRD: draw once, hand to every config
-                    negatives = module.sample_negatives(batch.index,
-                                                        generator=torch.Generator().manual_seed(5))
-                    module.sample_negatives = lambda idx, generator=None, neg=negatives: neg
-                ref = one_step(task, model, batch, cfgs["ref"])
-                terms_shown = ", ".join(f"{k}={v:.5g}" for k, v in ref[0].items())
-                del task, model, module
-            except Exception as exc:  # the reference itself failed: every check fails
-                results = {c: failed(f"reference failed: {error_note(exc)}") for c in checks}
-            if not results:
-                ref64 = None
-                if "ref64" in cfgs:
-                    try:
-                        ref64 = one_step(*build_task(pair, kind, name, params, cfgs["ref64"], state,
-                                                     negatives)[:2], batch, cfgs["ref64"])
-                    except Exception as exc:  # CRD: no fp64 by design
-                        ref64 = error_note(exc, 90)
-                for check in checks:
+    stopped = None
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for label in C.parse_pairs(args.pairs):
+            pair = Pair(label, args)
+            for kind, name, params, shown in plugins:
+                t0 = time.perf_counter()
+                results: dict[str, dict] = {}
+                terms_shown = ""
+                try:
+                    task, model, module = build_task(pair, kind, name, params, cfgs["ref"])
+                    state = copy.deepcopy(module.state_dict())
+                    negatives = None
+                    if hasattr(module, "sample_negatives"):  # CRD: draw once, hand to every config
+                        negatives = module.sample_negatives(batch.index,
+                                                            generator=torch.Generator().manual_seed(5))
+                        module.sample_negatives = lambda idx, generator=None, neg=negatives: neg
+                    ref = one_step(task, model, batch, cfgs["ref"])
+                    terms_shown = ", ".join(f"{k}={v:.5g}" for k, v in ref[0].items())
+                    del task, model, module
+                except Exception as exc:  # the reference itself failed: every check fails
+                    results = {c: failed(f"reference failed: {error_note(exc)}") for c in checks}
+                if not results:
+                    ref64 = None
+                    if "ref64" in cfgs:
+                        try:
+                            ref64 = one_step(*build_task(pair, kind, name, params, cfgs["ref64"], state,
+                                                         negatives)[:2], batch, cfgs["ref64"])
+                        except Exception as exc:  # CRD: no fp64 by design
+                            ref64 = error_note(exc, 90)
+                    for check in checks:
+                        tol = tolerance(check, name, engine_precision)
+                        try:
+                            if check == "fp64":
+                                results[check] = (failed(f"no fp64 reference ({ref64})", ok=True, skipped=True)
+                                                  if isinstance(ref64, str) else compare(ref64, ref, tol))
+                                continue
+                            cfg = cfgs[check]
+                            cand = one_step(*build_task(pair, kind, name, params, cfg, state,
+                                                        negatives)[:2], batch, cfg)
+                            noise = None
+                            if check == "fp32" and ref64 is not None and not isinstance(ref64, str):
+                                noise = rel_err(ref[1], ref64[1])
+                            results[check] = compare(ref, cand, tol, noise)
+                        except Exception as exc:
+                            results[check] = failed(error_note(exc))
+                for check, res in results.items():
+                    failures += not res["ok"]
+                    skips += bool(res["skipped"])
+                    verdict = ("skipped" if res["skipped"] else "ok") if res["ok"] else "FAIL"
+                    term_errs = ", ".join(f"{k} {v:.1e}" for k, v in res["terms"].items()) or "–"
+                    if res["ok"] and not res["skipped"]:
+                        w = worst[check]
+                        w["term"] = max([w["term"], *res["terms"].values()])
+                        for k in ("head", "grad", "update"):
+                            w[k] = max(w[k], res[k])
                     tol = tolerance(check, name, engine_precision)
-                    try:
-                        if check == "fp64":
-                            results[check] = (failed(f"no fp64 reference ({ref64})", ok=True, skipped=True)
-                                              if isinstance(ref64, str) else compare(ref64, ref, tol))
-                            continue
-                        cfg = cfgs[check]
-                        cand = one_step(*build_task(pair, kind, name, params, cfg, state,
-                                                    negatives)[:2], batch, cfg)
-                        noise = None
-                        if check == "fp32" and ref64 is not None and not isinstance(ref64, str):
-                            noise = rel_err(ref[1], ref64[1])
-                        results[check] = compare(ref, cand, tol, noise)
-                    except Exception as exc:
-                        results[check] = failed(error_note(exc))
-            for check, res in results.items():
-                failures += not res["ok"]
-                skips += bool(res["skipped"])
-                verdict = ("skipped" if res["skipped"] else "ok") if res["ok"] else "FAIL"
-                term_errs = ", ".join(f"{k} {v:.1e}" for k, v in res["terms"].items()) or "–"
-                if res["ok"] and not res["skipped"]:
-                    w = worst[check]
-                    w["term"] = max([w["term"], *res["terms"].values()])
-                    for k in ("head", "grad", "update"):
-                        w[k] = max(w[k], res[k])
-                tol = tolerance(check, name, engine_precision)
-                C.log(f"{label} {kind} {shown} [{check}]: {verdict} terms {term_errs}, classifier "
-                      f"grad {res['head']:.2e}, grad {res['grad']:.2e}, update {res['update']:.2e} "
-                      f"({time.perf_counter() - t0:.1f}s) {res['note']}")
-                rows.append([label, f"{kind}: {shown}", check, terms_shown or res["note"], term_errs,
-                             f"{res['head']:.1e}", f"{res['grad']:.1e}", f"{res['update']:.1e}",
-                             f"{tol[0]:g} / {tol[2]:g} / {tol[3]:g}",
-                             {"ok": "ok", "skipped": f"skipped: {res['note']}",
-                              "FAIL": f"**FAIL** {res['note']}".strip()}[verdict]
-                             + (" (teacher cast once)" if res["cast"] else "")])
+                    C.log(f"{label} {kind} {shown} [{check}]: {verdict} terms {term_errs}, classifier "
+                          f"grad {res['head']:.2e}, grad {res['grad']:.2e}, update {res['update']:.2e} "
+                          f"({time.perf_counter() - t0:.1f}s) {res['note']}")
+                    rows.append([label, f"{kind}: {shown}", check, terms_shown or res["note"], term_errs,
+                                 f"{res['head']:.1e}", f"{res['grad']:.1e}", f"{res['update']:.1e}",
+                                 f"{tol[0]:g} / {tol[2]:g} / {tol[3]:g}",
+                                 {"ok": "ok", "skipped": f"skipped: {res['note']}",
+                                  "FAIL": f"**FAIL** {res['note']}".strip()}[verdict]
+                                 + (" (teacher cast once)" if res["cast"] else "")])
+    except Stopped as exc:  # a time limit (gpu_check.sh): the table of what was checked
+        stopped = str(exc)
+        failures += 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
     pairs_shown = "; ".join(
         f"{c}: {(cfgs['ref'] if c == 'fp64' else cfgs[c]).describe()} vs "
@@ -425,8 +442,10 @@ def main(argv=None) -> int:
         w = worst[c]
         print(f"- {c}: largest passing errors: term {w['term']:.1e}, classifier gradient "
               f"{w['head']:.1e}, gradient {w['grad']:.1e}, update {w['update']:.1e}")
-    print(f"\n{len(rows) - failures - skips}/{len(rows)} passed, {skips} skipped, {failures} failed "
-          f"({time.perf_counter() - t_start:.0f} s).")
+    if stopped:
+        print(f"\n**PARTIAL**: {stopped} after {len(rows)} checks (counted as one failure).")
+    print(f"\n{len(rows) - failures - skips + bool(stopped)}/{len(rows)} passed, {skips} skipped, "
+          f"{failures} failed ({time.perf_counter() - t_start:.0f} s).")
     return 1 if failures else 0
 
 
