@@ -161,17 +161,10 @@ def device_data(data, device, layout: str = "engine"):
     """``DeviceData`` with the registry's augmentation views, as the trainer builds it. The
     engine's batches are channels_last on CUDA and contiguous on the CPU; ``layout`` other than
     "engine" makes every batch (and view) come out in that memory format instead."""
-    from kdbench.data.augment import Normalizer
     from kdbench.data.loader import DeviceData
 
-    device = torch.device(device)
-    dd = DeviceData(data, device, registry().view_makers())
-    if layout == "contiguous":
-        dd.normalize = Normalizer(data.mean, data.std, device)  # the engine's, without the CUDA re-layout
-    elif layout == "channels_last":
-        plain = Normalizer(data.mean, data.std, device)
-        dd.normalize = lambda u8: plain(u8).contiguous(memory_format=torch.channels_last)
-    return dd
+    formats = {"engine": None, "contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    return DeviceData(data, torch.device(device), registry().view_makers(), memory_format=formats[layout])
 
 
 def batch_layout(data) -> str:

@@ -106,15 +106,13 @@ class Measurer:
 
         self.device, self.args, self.train, self.test = device, args, train, test
         self.precision = loaded.recipe.precision
-        self.trainer = RunTrainer(loaded, C.registry(), device, None, C.NoProgress(), lambda: None,
-                                  lambda *a, **k: {})
-        # Synthetic CIFAR-100-shaped data instead of the recipe's files: the trainer's data cache
-        # (RunTrainer.grid_data) holds it, so every builder of the trainer sees it.
         from kdbench.engine import trainer as T
 
+        # Synthetic CIFAR-100-shaped data instead of the recipe's files: every builder of the
+        # trainer uses it.
         self.evaluation = T.Evaluation(every=loaded.recipe.eval_every)
-        self.trainer._data = T.GridData(train, test, self.evaluation)
-        assert self.trainer.data() == (train, test), "RunTrainer no longer reads its data cache"
+        self.trainer = RunTrainer(loaded, C.registry(), device, None, C.NoProgress(), lambda: None,
+                                  lambda *a, **k: {}, data=T.GridData(train, test, self.evaluation))
         self.eval_s: dict[str, float] = {}
 
     def task(self, spec, objective=None):
@@ -224,13 +222,13 @@ def main(argv=None) -> int:
     device = torch.device(C.resolve_devices(args.device)[0])
     t_start = time.perf_counter()
 
-    from kdbench.engine.estimate import _cost_key
+    from kdbench.engine.estimate import cost_key
 
     loaded, teachers, students = load_grid(args)
     recipe = loaded.recipe
     groups: dict[str, list] = {}
     for spec in teachers + students:
-        groups.setdefault(_cost_key(spec), []).append(spec)
+        groups.setdefault(cost_key(spec), []).append(spec)
     # Recipe order: by pair, teachers first, then the rows.
     keys = sorted(groups, key=lambda k: (groups[k][0].meta.pair_index, groups[k][0].kind != "teacher",
                                          getattr(groups[k][0].meta, "objective_index", 0)

@@ -80,16 +80,21 @@ class DeviceData:
     a task may ask for (the registry's view plugins: :meth:`Registry.view_makers`)."""
 
     def __init__(self, data: ImageData, device: torch.device,
-                 view_makers: Mapping[str, ViewMaker] | None = None):
+                 view_makers: Mapping[str, ViewMaker] | None = None,
+                 memory_format: torch.memory_format | None = None):
+        """``memory_format`` of every batch: by default channels_last on CUDA (cuDNN's fast
+        layout, which the nets run in there) and contiguous elsewhere."""
         self.view_makers = dict(view_makers or {})
         self.images = data.images.to(device, non_blocking=True).contiguous()
         self.labels = data.labels.to(device, non_blocking=True)
         self.num_classes = data.num_classes
         self.device = device
         normalize = Normalizer(data.mean, data.std, device)
-        # On CUDA the nets run channels_last (cuDNN's fast layout); the batches match it.
-        self.normalize = (normalize if device.type != "cuda" else
-                          lambda u8: normalize(u8).contiguous(memory_format=torch.channels_last))
+        if memory_format is None:
+            memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.memory_format = memory_format
+        self.normalize = (normalize if memory_format == torch.contiguous_format else
+                          lambda u8: normalize(u8).contiguous(memory_format=memory_format))
 
     def __len__(self) -> int:
         return self.labels.shape[0]

@@ -30,7 +30,8 @@ class RunCost:
     seconds: float
 
 
-def _cost_key(spec: RunSpec) -> str:
+def cost_key(spec: RunSpec) -> str:
+    """Runs with equal keys cost the same per step (same nets, methods and batch size)."""
     s = spec.spec
     if spec.kind == "teacher":
         key = {"model": s["model"], "objective": s["objective"], "batch": s["schedule"]["batch_size"]}
@@ -84,7 +85,7 @@ def estimate(runner, throughput: float | None = None, calibrate_steps: int = 0) 
         steps = sched["epochs"] * train.num_batches(sched["batch_size"])
         images = sched["epochs"] * len(train)
         if calibrate_steps:
-            key = _cost_key(spec)
+            key = cost_key(spec)
             if key not in step_time:
                 step_time[key] = _time_steps(runner, spec, calibrate_steps)
             seconds = steps * step_time[key]

@@ -21,7 +21,7 @@ is what the step would have computed for that sample, up to the floating-point o
 convolution algorithm, which may depend on the batch *shape* (never, on the CPU, on the other
 samples). Chunks have the step's batch shape for that reason. On the CPU in fp32, WRN, ResNet34,
 VGG and ShuffleNetV2 give bit-identical logits at any batch size, so their KD students are
-bit-identical with and without the cache (tests/test_teacher_cache.py); ResNet50 and
+bit-identical with and without the cache (tests/test_logit_cache.py); ResNet50 and
 MobileNetV2 differ in the last bits between batch sizes, which reaches a student only through
 views drawn in an epoch's short last batch (the live teacher, too, computes one view at
 different shapes in different epochs). On CUDA (bf16, cuDNN autotuning) it is unmeasured.

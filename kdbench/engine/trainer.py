@@ -82,12 +82,15 @@ class RunTrainer:
 
     def __init__(self, loaded, registry, device: torch.device, store, progress, stop_requested,
                  base_record: Callable[..., dict],
-                 wrap_task: Callable[[object], object] = lambda task: task):
+                 wrap_task: Callable[[object], object] = lambda task: task,
+                 data: GridData | None = None):
+        """``data``: the grid's data if the caller has it already (a benchmark's synthetic
+        data); by default the recipe's dataset, loaded on first use."""
         self.loaded, self.recipe, self.registry = loaded, loaded.recipe, registry
         self.device, self.store, self.progress = device, store, progress
         self.stop_requested, self.base_record, self.wrap_task = stop_requested, base_record, wrap_task
         self.logit_cache = LogitCacheKeeper(device, self.recipe.precision)
-        self._data: GridData | None = None
+        self._data: GridData | None = data
         self.resumed_from: dict | None = None  # where the last fit() resumed (for trained_by)
 
     # ------------------------------------------------------------------ data and models
