@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      field_validator)
+                      field_validator, model_validator)
 
 
 class _Strict(BaseModel):
@@ -122,9 +122,31 @@ class Schedule(_Strict):
 
 
 class Reference(_Strict):
-    table: str
-    dataset: str
+    table: str | None = None  # the paper's table; with dataset, or neither when literature is given
+    dataset: str | None = None
     file: str | None = None  # default: the paper's tables shipped with kdbench
+    literature: list[str] | None = Field(
+        None, min_length=1, description="published numbers to show beside every cell, by source "
+        "(\"CRD\", \"DKD\", \"DOT\", \"LS\", \"DIST\" or the CSV's full source name; "
+        "kdbench/references/literature-cifar100.csv, kdbench/literature.py)")
+
+    @field_validator("literature")
+    @classmethod
+    def _known_sources(cls, v):
+        from kdbench.literature import resolve_sources
+
+        if v is not None:
+            resolve_sources(v)  # ValueError naming the unknown source and the valid ones
+        return v
+
+    @model_validator(mode="after")
+    def _table_or_literature(self):
+        if (self.table is None) != (self.dataset is None):
+            raise ValueError("give both table and dataset (the paper's table), or neither")
+        if self.table is None and not self.literature:
+            raise ValueError("name the paper's table (table, dataset) or literature sources "
+                             "(literature = [\"CRD\", \"DKD\"])")
+        return self
 
 
 class LeaderboardSpec(_Strict):
