@@ -21,6 +21,15 @@ seeds, else the paired t-test) are Holm-corrected over the rows of a column. The
 the marks and a legend, plus per column the smallest difference the seeds could detect; the CSV
 has every number, for the ``final`` and the ``best`` epoch (one row per metric).
 
+Published numbers (:mod:`kdbench.literature`): where the records' ``[reference]`` names
+``literature`` sources (or ``write_leaderboard(literature_sources=...)`` does), each cell also
+shows the number each source prints for it, "lit. CRD 74.92 (Δ +0.28)" (Δ = kdbench −
+published; sources printing the same number listed together, "CRD/DKD/LS 73.33"), and the CSV
+has ``lit_<source>``, ``lit_<source>_spread`` and ``lit_<source>_delta`` per source. A table
+of the sources' protocols (repository and commit, epochs of the numbers shown, the epoch
+reported, runs, precision, teachers) next to kdbench's own, and what a Δ holds besides the
+method, follow the table. The paper's own tables (``[reference] table``) are unchanged.
+
 Each table is followed by the teachers' soft-label diagnostics. ``leaderboard.png`` (needs
 matplotlib, the ``plot`` extra) plots every row's accuracy per pair with 95% intervals.
 """
@@ -36,7 +45,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdbench import stats
+from kdbench import literature, stats
 from kdbench.api import UserError
 from kdbench.store import atomic_write_bytes, iter_records
 
@@ -156,6 +165,8 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             "ref_teacher": m.get("ref_teacher"), "ref_student": m.get("ref_student"),
             "ref_method": m.get("ref_method"), "baseline": m.get("baseline"),
             "teacher_reference_row": bool(m.get("teacher_reference_row")),
+            **_protocol_fields(rec),
+            "teacher_model": _spec_get(teachers.get(rec.get("teacher_id")) or {}, "model", "name"),
         })
     df = pd.DataFrame(rows)
     # Row labels: the method set, qualified by the teacher objective when a set is used with
@@ -181,12 +192,34 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                           "reference_row": reference_row, "run_id": tid,
                           "seed": (t.get("spec") or {}).get("seed", tid),
                           "status": t.get("status"), "where": _where(t, runs_dir),
-                          "mtime": _mtime(t), **_metric_values(t),
+                          "mtime": _mtime(t), **_metric_values(t), **_protocol_fields(t),
+                          "checkpoint": "checkpoint" in (t.get("spec") or {}),
                           "diagnostics": t.get("diagnostics") or {}})
     tdf = pd.DataFrame(trows)
     if len(tdf):
         tdf = _one_per_seed(tdf, ["group", "dataset", "row", "pair", "seed"], "row", notes)
     return df, tdf, notes
+
+
+def _spec_get(rec: dict, *keys):
+    cur = rec.get("spec")
+    for k in keys:
+        cur = cur.get(k) if isinstance(cur, dict) else None
+    return cur
+
+
+def _protocol_fields(rec: dict) -> dict:
+    """What the literature note says about kdbench's own runs: the model's and the dataset's
+    kdbench names, the epochs, and whether the run trained under bf16 autocast (on CUDA unless
+    precision = "fp32", on the CPU only with "bf16"; None when the record does not say)."""
+    precision = _spec_get(rec, "precision")
+    on_gpu = bool((rec.get("provenance") or {}).get("gpu"))
+    autocast = None if precision is None else (precision != "fp32" if on_gpu else precision == "bf16")
+    return {"model_name": _spec_get(rec, "model", "name"),
+            "dataset_name": _spec_get(rec, "dataset", "name"),
+            "subset_per_class": _spec_get(rec, "dataset", "subset_per_class"),
+            "val_per_class": _spec_get(rec, "dataset", "val_per_class"),
+            "epochs": _spec_get(rec, "schedule", "epochs"), "autocast": autocast}
 
 
 def _one_per_seed(df: pd.DataFrame, key: list[str], label: str, notes: dict) -> pd.DataFrame:
@@ -335,6 +368,197 @@ def _selection(records: pd.DataFrame) -> tuple[str, str]:
     return "test", "selected on the test set (optimistic)"
 
 
+# ----------------------------------------------------------------------------- literature
+def _lit_text(published: dict, mean: float | None) -> str:
+    """" · lit. CRD 74.92 (Δ +0.28), DKD/LS 73.33 (Δ -0.10)": sources printing the same
+    number are listed together; N/A (the source prints no number) has no Δ."""
+    groups: dict[str, list] = {}
+    for key, p in published.items():
+        if p is not None:
+            groups.setdefault(p.top1, []).append((key, p))
+    parts = []
+    for printed, entries in groups.items():
+        p = entries[0][1]
+        part = f"{'/'.join(k for k, _ in entries)} {printed}"
+        if mean is not None and p.mean is not None:
+            part += f" (Δ {mean - p.mean:+.2f})"
+        parts.append(part)
+    return " · lit. " + ", ".join(parts) if parts else ""
+
+
+def _counts(values, unit: str = "") -> str:
+    """"240 ep" or "240 ep (12), 480 ep (3)"; None counts as "not stated"."""
+    c: dict = {}
+    for v in values:
+        c[v] = c.get(v, 0) + 1
+    if not c:
+        return "—"
+    named = sorted(c, key=lambda v: (v is None, v))
+    if len(named) == 1:
+        return "not stated" if named[0] is None else f"{named[0]}{unit}"
+    return ", ".join(f"{'not stated' if v is None else f'{v}{unit}'} ({c[v]})" for v in named)
+
+
+@dataclass
+class _Lit:
+    """The published numbers of one table: the sources its records name, the kdbench names
+    each pair is looked up by (kdbench.literature.pair_models), and the numbers shown, for the
+    protocol note under the table."""
+    table: literature.Literature
+    keys: list  # short source keys, in the recipe's order
+    sources: dict  # key -> full source name
+    pairs: dict  # pair label -> (kdbench dataset, teacher, student)
+    remarks: list  # sentences for the note
+    shown: dict = field(default_factory=dict)  # key -> {CSV line: Published}
+
+    @classmethod
+    def build(cls, reference: dict | None, sub: pd.DataFrame, pairs: list,
+              override: list | None = None) -> "_Lit | None":
+        names = override
+        if names is None:  # the newest record that names sources (a recipe may add them later)
+            named = [r for r in sub.sort_values("mtime")["reference"]
+                     if isinstance(r, dict) and r.get("literature")]
+            names = named[-1]["literature"] if named else None
+        if not names:
+            return None
+        table = literature.load()
+        remarks, sources = [], {}
+        for n in names:
+            try:
+                full = table.resolve([n])[0]
+            except ValueError:
+                remarks.append(f"The source {n!r} the records name is not in {table.path}: left out.")
+                continue
+            sources[literature.source_key(full)] = full
+        paper_table = isinstance(reference, dict) and _present(reference.get("table"))
+        out = {}
+        for pair in pairs:
+            prs = sub[sub["pair"] == pair]
+            first = prs.iloc[0]
+            t_model = next((m for m in prs["teacher_model"] if _present(m)), None)
+            s_model = next((m for m in prs["model_name"] if _present(m)), None)
+            dataset = next((d for d in prs["dataset_name"] if _present(d)), None)
+            t, s, notes = literature.pair_models(t_model, s_model, first["ref_teacher"],
+                                                 first["ref_student"], paper_table)
+            out[pair] = (dataset, t, s)
+            remarks += [f"{pair}: {n}." for n in notes]
+            if not any(table.covers(full, dataset, t, s) for full in sources.values()):
+                looked = f"{t or '?'}→{s or '?'} on {dataset or '?'}"
+                remarks.append(f"{pair}: no published number in {', '.join(sources) or '—'} "
+                               f"(looked up as {looked}).")
+        return cls(table, list(sources), sources, out, remarks)
+
+    def cell(self, r: _Row, pair: str) -> dict:
+        """key -> the published row for one cell (None where the source has none)."""
+        if r.is_teacher:
+            method = "teacher" if r.method == "teacher" else None
+        else:
+            method = literature.method_name(r.method) or literature.method_name(r.method_set)
+        dataset, t, s = self.pairs[pair]
+        found = {k: self.table.lookup(full, dataset, t, s, method) for k, full in self.sources.items()}
+        for k, p in found.items():
+            if p is not None:
+                self.shown.setdefault(k, {})[p.line] = p
+        return found if any(found.values()) else {}
+
+    def csv_columns(self, published: dict, mean: float | None) -> dict:
+        """lit_<key> (published mean), lit_<key>_spread (its ±, when printed), lit_<key>_delta
+        (kdbench − published) for every source of the table."""
+        out = {}
+        for k in self.keys:
+            p = published.get(k)
+            value = p.mean if p is not None else None
+            out[f"lit_{k}"] = value
+            out[f"lit_{k}_spread"] = p.spread if p is not None else None
+            out[f"lit_{k}_delta"] = (mean - value if mean is not None and value is not None
+                                     else None)
+        return out
+
+    def note(self, metric: str, selection_note: str, sub: pd.DataFrame,
+             tsub: pd.DataFrame) -> str:
+        """The sources' protocols next to kdbench's, and what a Δ includes besides the method."""
+        head = ("| Published numbers | Repository @ commit (file) | Epochs (numbers shown) | "
+                "Epoch reported | Runs | Precision | Teachers |")
+        lines = ["Published numbers (lit.) and their protocols (Δ = kdbench − published; "
+                 "kdbench/references/literature-cifar100.csv, the `protocol` column per number):",
+                 "", head, "|---|---|---|---|---|---|---|"]
+        for k in self.keys:
+            rows = list(self.shown.get(k, {}).values())
+            where = sorted({f"{r.repo}@{r.commit[:7]} ({r.file})" for r in rows})
+            epoch, runs, precision, teachers = literature.protocol(k)
+            epochs = _counts([r.epochs for r in rows], " ep") if rows else "no number for these cells"
+            lines.append(f"| {k} = {self.sources[k]} | {'; '.join(where) or '—'} | {epochs} | "
+                         f"{epoch} | {runs} | {precision} | {teachers} |")
+        reported = "final (last) epoch" if metric == "final" else f"best epoch, {selection_note}"
+        lines.append(f"| kdbench (this table) | — | {self._epochs(sub)} | {reported} | "
+                     f"{self._seeds(sub)} | {self._precision(sub, tsub)} | {self._teachers(tsub)} |")
+        subset = sorted({int(v) for v in sub["subset_per_class"].dropna()})
+        caveats = [
+            "What a Δ holds besides the method: the precision (kdbench autocasts to bf16 on "
+            "GPUs unless `precision = \"fp32\"`; RepDistiller's and mdistiller's training loops "
+            "use no autocast, fp32); the epoch (kdbench reports the final epoch, or with "
+            "`--metric best` the best one, chosen on the validation split when the recipe holds "
+            "one out (`val_per_class`), else on the test set; RepDistiller reports the last "
+            "epoch, mdistiller-based code logs the best test accuracy, which is optimistic); the "
+            "number of runs (kdbench's n per cell against an unstated number, so a Δ within a few "
+            "tenths is no evidence either way); the teachers (trained here, or published "
+            "checkpoints loaded and evaluated, against the sources' own checkpoints); the "
+            "deviations each kdbench plugin documents (`kdbench list`, the method's docstring); "
+            "and sources that quote one another (a KD row re-printed by DKD and LS is one "
+            "measurement)."]
+        if subset:
+            caveats.append(f"These runs trained on a subset of {', '.join(map(str, subset))} "
+                           "images per class: not the published protocol.")
+        held = sorted({str(v) for v in sub["val_per_class"].dropna()})
+        if held:
+            caveats.append(f"These runs held out a validation split (`val_per_class = "
+                           f"{' / '.join(held)}`) to choose the best epoch on: they trained on "
+                           "fewer images than the sources, which train on the whole training set.")
+        return "\n".join(lines) + "\n\n" + " ".join(caveats + self.remarks)
+
+    @staticmethod
+    def _epochs(sub: pd.DataFrame) -> str:
+        return _counts([None if pd.isna(e) else int(e) for e in sub["epochs"]], " ep")
+
+    @staticmethod
+    def _seeds(sub: pd.DataFrame) -> str:
+        done = sub[sub["status"] == "done"]
+        n = done.groupby(["row", "pair"])["seed"].nunique()
+        if not len(n):
+            return "no done runs"
+        lo, hi = int(n.min()), int(n.max())
+        if lo == hi:
+            return f"{lo} seed{'s' if lo != 1 else ''} per cell"
+        return f"{lo}–{hi} seeds per cell"
+
+    @staticmethod
+    def _precision(sub: pd.DataFrame, tsub: pd.DataFrame) -> str:
+        teachers = tsub.drop_duplicates("run_id") if len(tsub) else tsub
+        flags = list(sub["autocast"]) + (list(teachers["autocast"]) if len(teachers) else [])
+        known = [bool(f) for f in flags if f is not None and not pd.isna(f)]
+        if not known:
+            return "not recorded"
+        n_bf16 = sum(known)
+        if n_bf16 == 0:
+            return "fp32"
+        return f"bf16 autocast ({n_bf16} of {len(known)} runs)"
+
+    @staticmethod
+    def _teachers(tsub: pd.DataFrame) -> str:
+        if not len(tsub):
+            return "—"
+        tsub = tsub.drop_duplicates("run_id")
+        loaded = int(tsub["checkpoint"].sum())
+        trained = len(tsub) - loaded
+        parts = []
+        if trained:
+            epochs = [None if pd.isna(e) else int(e) for e in tsub.loc[~tsub["checkpoint"], "epochs"]]
+            parts.append(f"trained here ({trained}, {_counts(epochs, ' ep')})")
+        if loaded:
+            parts.append(f"published checkpoints loaded and evaluated ({loaded})")
+        return "; ".join(parts)
+
+
 # ------------------------------------------------------------------------------- markdown
 def _cell_text(s: stats.CellSummary, note: str) -> str:
     if s.n == 0:
@@ -345,9 +569,11 @@ def _cell_text(s: stats.CellSummary, note: str) -> str:
 
 
 def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
-                 reference_file: str | None = None, notes: dict | None = None):
+                 reference_file: str | None = None, notes: dict | None = None,
+                 literature_sources: list[str] | None = None):
     """Returns [(title, markdown, long-form rows)] per table; the markdown is at ``metric``, the
-    long-form rows hold both metrics (column ``metric``)."""
+    long-form rows hold both metrics (column ``metric``). ``literature_sources`` shows those
+    published sources beside every table's cells instead of the ones its records name."""
     notes = notes or {}
     ref = None
     out = []
@@ -355,8 +581,10 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
         pairs = sub.sort_values("pair_order")["pair"].drop_duplicates().tolist()
         first = sub.iloc[0]
         reference = first["reference"] if isinstance(first["reference"], dict) else None
-        if reference and ref is None:
-            ref = load_reference(reference_file or reference.get("file"))
+        paper = reference if reference and _present(reference.get("table")) else None
+        if paper and ref is None:
+            ref = load_reference(reference_file or paper.get("file"))
+        lit = _Lit.build(reference, sub, pairs, literature_sources)
         row_order = sub.sort_values(["row_order", "objective_order"], kind="stable")["row"]
         row_order = row_order.drop_duplicates().tolist()
         tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
@@ -387,15 +615,19 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
             for pair in pairs:
                 prow = r.records[r.records["pair"] == pair]
                 refval = None
-                if reference and len(prow):
+                if paper and len(prow):
                     srow = sub[sub["pair"] == pair].iloc[0]
                     if _present(r.method) and srow["ref_teacher"] and srow["ref_student"]:
-                        refval = ref.get((reference["table"], reference["dataset"],
+                        refval = ref.get((paper["table"], paper["dataset"],
                                           srow["ref_teacher"], srow["ref_student"], r.method))
+                published = lit.cell(r, pair) if lit and len(prow) else {}
                 note = _bad_note(prow["status"])
                 for m in METRICS:
                     long_rows.append(_long_row(group, dataset, r, pair, m, columns[(pair, m)],
-                                               prow, note, refval, selected_on))
+                                               prow, note, refval, selected_on,
+                                               lit.csv_columns(published, columns[(pair, m)]
+                                                               .summaries[r.label].mean)
+                                               if lit else {}))
                 col = columns[(pair, metric)]
                 s = col.summaries[r.label]
                 text = _cell_text(s, note) if len(prow) else ""
@@ -406,6 +638,8 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
                     text += f" · paper {refval:.2f} (Δ {s.mean - refval:+.2f})"
                 elif refval is not None:
                     text += f" · paper {refval:.2f}"
+                if published:
+                    text += _lit_text(published, s.mean)
                 if bold:
                     text = f"**{text}**"
                 cells.append(text)
@@ -416,10 +650,16 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
         title = f"{group} — {dataset}"
         what = f"**{metric}** epoch" + (f" ({selection_note})" if metric == "best" else "")
         intro = (f"Top-1 accuracy (%) at the {what}, over distinct seeds."
-                 + (f" Reference: {reference['table']} ({reference['dataset']}) of the paper; "
-                    "Δ = ours − paper." if reference else ""))
+                 + (f" Reference: {paper['table']} ({paper['dataset']}) of the paper; "
+                    "Δ = ours − paper." if paper else "")
+                 + (f" Published numbers of {', '.join(lit.keys)} beside each cell "
+                    "(\"lit. SOURCE value (Δ = kdbench − published)\"; sources printing the "
+                    "same number are listed together); their protocols under the table."
+                    if lit else ""))
         below = [_legend(columns, pairs, metric, baseline_note, bool(baseline_of)),
                  _mde_line(columns, pairs, metric, baseline_of)]
+        if lit:
+            below.append(lit.note(metric, selection_note, sub, tsub))
         tnotes = notes.get((group, dataset), {})
         if tnotes.get("ids"):
             below.append("Run ids found in several folders (counted once each, a done record "
@@ -498,7 +738,7 @@ def _mde_line(columns: dict, pairs: list, metric: str, baseline_of: dict) -> str
 
 
 def _long_row(group, dataset, r: _Row, pair, metric, col: _Column, prow, note, refval,
-              selected_on) -> dict:
+              selected_on, lit_columns: dict) -> dict:
     s = col.summaries[r.label]
     row = {"group": group, "dataset": dataset, "row": r.label, "pair": pair, "metric": metric,
            "kind": "teacher" if r.is_teacher else "student",
@@ -510,7 +750,8 @@ def _long_row(group, dataset, r: _Row, pair, metric, col: _Column, prow, note, r
            "diff_ci_high": None, "p_t": None, "p_perm": None, "p_test": None, "p_holm": None,
            "significant": None, "best_row": col.best, "is_best": None, "n_paired_best": None,
            "diff_best": None, "p_best": None, "p_best_holm": None, "tied_with_best": None,
-           "mde": None, "mde_n": None, "mde_sd_diff": None, "mde_against": None}
+           "mde": None, "mde_n": None, "mde_sd_diff": None, "mde_against": None,
+           **lit_columns}
     if r.is_teacher:
         row["best_row"] = None
         return row
@@ -559,18 +800,26 @@ def _diagnostics_table(tsub: pd.DataFrame) -> str:
 
 
 def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
-                      reference_file: str | None = None, plot: bool = True) -> list[Path]:
+                      reference_file: str | None = None, plot: bool = True,
+                      literature_sources: list[str] | None = None) -> list[Path]:
     """Writes leaderboard.md (at ``metric``), leaderboard.csv (both metrics) and (with
     matplotlib) leaderboard.png (at ``metric``) into ``out_dir``; returns the paths written.
-    Without matplotlib the plot is skipped with one line on stderr."""
+    Without matplotlib the plot is skipped with one line on stderr. ``literature_sources``
+    (e.g. ["CRD", "DKD"]) shows those published numbers beside every table, for records run
+    before their recipe named ``[reference] literature``."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     if not runs_dir.exists():
         raise UserError(f"{runs_dir}: runs folder does not exist")
     metric = metric or "final"
     if metric not in METRICS:
         raise UserError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if literature_sources is not None:
+        try:
+            literature.resolve_sources(literature_sources)
+        except ValueError as exc:
+            raise UserError(f"literature: {exc}") from None
     df, tdf, notes = collect(runs_dir)
-    tables = build_tables(df, tdf, metric, reference_file, notes)
+    tables = build_tables(df, tdf, metric, reference_file, notes, literature_sources)
     md = "# kdbench leaderboard\n\n" + "\n".join(md for _, md, _ in tables)
     written = [out_dir / "leaderboard.md", out_dir / "leaderboard.csv"]
     atomic_write_bytes(written[0], md.encode())
