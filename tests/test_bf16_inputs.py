@@ -41,7 +41,18 @@ STUDENT_METHODS = {
     "ofd": ([{}], ["connectors.*"]),
     "reviewkd": ([{}], ["abfs.*"]),
     "vid": ([{}], ["regressors.*"]),
+    "at": ([{}, {"p": 1.0}], []),
+    "sp": ([{}], []),
+    "cc": ([{}], ["embed_s", "embed_t"]),
+    "pkt": ([{}], []),
+    "nst": ([{}], []),
+    "kdsvd": ([{}, {"k": 2}], []),
+    "dkd": ([{}, {"logit_standardize": True}], []),
+    "dist": ([{}, {"logit_standardize": True}], []),
+    "ctkd": ([{}, {"logit_standardize": True}], []),
 }
+# KDSVD needs equal channel counts in the stages it matches: its nets get the student's.
+TEACHER_CHANNELS = {"kdsvd": (6, 8)}
 TEACHER_OBJECTIVES = {
     "ce": ([{}], []),
     "intra_class": ([{}, {"embedding": "logits"}, {"embedding": "projection", "temperature": 0.3}],
@@ -144,9 +155,9 @@ def assert_terms(ta, tb, rtol):
 
 
 # ------------------------------------------------------------------------------ students
-def student_inputs(geometry):
+def student_inputs(geometry, name=None):
     s_strides, t_strides = GEOMETRIES[geometry]
-    student, teacher = make_pair(0, s_chans=(6, 8), t_chans=(8, 12), s_strides=s_strides,
+    student, teacher = make_pair(0, s_chans=(6, 8), t_chans=TEACHER_CHANNELS.get(name, (8, 12)), s_strides=s_strides,
                                  t_strides=t_strides, randomize_teacher_bn=True)
     g = torch.Generator().manual_seed(0)
     x, x2 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
@@ -179,7 +190,7 @@ def test_every_registered_method_and_objective_is_covered(registry):
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("name,variant", _cases(STUDENT_METHODS), ids=_ids(STUDENT_METHODS))
 def test_student_bf16_inputs_give_fp32_terms(registry, name, variant, geometry):
-    setup, batch, outs = student_inputs(geometry)
+    setup, batch, outs = student_inputs(geometry, name)
     method = build_student(registry, name, variant, setup)
     patterns = STUDENT_METHODS[name][1]
     a_in = [batch] + [as_bf16(o) for o in outs]
@@ -202,7 +213,7 @@ def test_student_bf16_inputs_give_fp32_terms(registry, name, variant, geometry):
 
 @pytest.mark.parametrize("name,variant", _cases(STUDENT_METHODS), ids=_ids(STUDENT_METHODS))
 def test_student_gradients_on_the_bf16_path(registry, name, variant):
-    setup, batch, outs = student_inputs("teacher_larger")
+    setup, batch, outs = student_inputs("teacher_larger", name)
     method = build_student(registry, name, variant, setup)
     method.train()
     s, s2 = as_bf16(outs[0], requires_grad=True), as_bf16(outs[2], requires_grad=True)

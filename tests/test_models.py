@@ -56,13 +56,15 @@ def n_params(model: nn.Module) -> int:
 
 
 # Stages whose original architecture has no ReLU at the end: feats[i] is preact_feats[i].
-NO_RELU_STAGES = {"mobilenetv2": {1, 2, 3, 4}}
+NO_RELU_STAGES = {"mobilenetv2": {1, 2, 3, 4}, "mobilenetv2_w1": {1, 2, 3, 4}}
 # Stages where preact_feats[i] is exactly the output of bn_before_relu()[i - 1] (per channel);
 # elsewhere a residual is added after that BN (ResNet: identity of a post-ReLU map, >= 0).
 EXACT_BN = {
     "vgg8": {1, 2, 3, 4}, "vgg13": {1, 2, 3, 4},
     "wrn": {1, 2, 3}, "wrn_40_2": {1, 2, 3}, "wrn_16_2": {1, 2, 3},
     "shufflenetv2": {1, 2, 3}, "mobilenetv2": {4},
+    "vgg11": {1, 2, 3, 4}, "vgg16": {1, 2, 3, 4}, "vgg19": {1, 2, 3, 4},
+    "wrn_16_1": {1, 2, 3}, "wrn_40_1": {1, 2, 3}, "mobilenetv2_w1": {4},
 }
 RESIDUAL_AFTER_BN = {"resnet18", "resnet34", "resnet50"}
 
@@ -71,6 +73,8 @@ def test_registered_names():
     assert set(NAMES) == {
         "resnet18", "resnet34", "resnet50", "wrn", "wrn_40_2", "wrn_16_2",
         "vgg13", "vgg8", "mobilenetv2", "shufflenetv2",
+        # added with the CRD benchmark's zoo (their reference check: test_zoo_reference.py)
+        "wrn_16_1", "wrn_40_1", "vgg11", "vgg16", "vgg19", "mobilenetv2_w1",
     }
 
 
@@ -163,6 +167,9 @@ EXACT = {
     "resnet18": 11_220_132, "resnet34": 21_328_292, "resnet50": 23_705_252,
     "wrn_40_2": 2_255_156, "wrn_16_2": 703_284, "wrn": 703_284,  # wrn defaults: depth 16, widen 2
     "vgg13": 9_462_180, "vgg8": 3_965_028, "mobilenetv2": 812_836, "shufflenetv2": 1_355_528,
+    # RepDistiller b84f547 / mdistiller a08d46f (tests/test_zoo_reference.py holds their digests)
+    "wrn_16_1": 180_916, "wrn_40_1": 569_780, "vgg11": 9_277_284, "vgg16": 14_774_436,
+    "vgg19": 20_086_692, "mobilenetv2_w1": 2_353_060,
 }
 
 

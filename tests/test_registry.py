@@ -26,10 +26,14 @@ MOD_PREFIX = "kdbt_"  # every fake plugin module starts with this (removed from 
 
 BUILTIN = {
     "model": {"resnet50", "resnet34", "resnet18", "wrn", "wrn_40_2", "wrn_16_2", "vgg13", "vgg8",
-              "mobilenetv2", "shufflenetv2"},
-    "dataset": {"synthetic", "cifar10", "cifar100", "tiny_imagenet"},
-    "teacher_objective": {"ce"},
-    "student_method": {"ce", "kd", "fitnet", "rkd", "crd", "ofd", "reviewkd", "vid", "mlld"},
+              "mobilenetv2", "shufflenetv2", "resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+              "resnet56", "resnet110", "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_40_1", "vgg11",
+              "vgg16", "vgg19", "mobilenetv2_w1", "shufflenetv1"},
+    "dataset": {"synthetic", "cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "mnist", "kmnist"},
+    "teacher_objective": {"ce", "intra_class", "margin_intra"},
+    "student_method": {"ce", "kd", "fitnet", "rkd", "crd", "ofd", "reviewkd", "vid", "mlld", "at", "sp",
+                       "cc", "pkt", "nst", "kdsvd", "dkd", "dist", "ctkd"},
+    "view": {"second", "strong"},
 }
 
 
