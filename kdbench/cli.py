@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("-o", "--output", type=Path, default=Path("leaderboard"))
     lb.add_argument("--metric", choices=["final", "best"],
                     help="which epoch to report (default: final)")
+    lb.add_argument("--literature", action="append", metavar="SOURCE",
+                    help="also show this source's published numbers (CRD, DKD, DIST, LS, DOT), "
+                         "whatever the records' recipe named; repeatable")
     lb.set_defaults(func=cmd_leaderboard)
     return p
 
@@ -197,6 +200,7 @@ def _default(field) -> str:
 def cmd_leaderboard(args) -> int:
     from kdbench.leaderboard import write_leaderboard
 
-    for path in write_leaderboard(args.runs_dir, args.output, metric=args.metric):
+    for path in write_leaderboard(args.runs_dir, args.output, metric=args.metric,
+                                  literature_sources=args.literature):
         print(f"wrote {path}")
     return 0
