@@ -13,7 +13,10 @@ def test_run_rerun_add_seed_and_leaderboard(tiny_recipe, tmp_path, capsys):
     assert len(teachers) == 1 and len(students) == 2
     for rec in [*teachers.values(), *students.values()]:
         assert rec["status"] == "done"
-        assert set(rec["final"]) == {"top1", "top5", "epoch"} and set(rec["best"]) == {"top1", "top5", "epoch"}
+        assert set(rec["final"]) == {"top1", "top5", "epoch"}
+        # no validation split here: best is chosen on the (whole) test set and says so
+        assert set(rec["best"]) == {"top1", "top5", "epoch", "selected_on", "test_images"}
+        assert rec["best"]["selected_on"] == "test"
         assert rec["provenance"]["torch"] and rec["provenance"]["kdbench"]
         assert rec["wall_time_s"] > 0
         assert len(rec["epochs"]) == rec["spec"]["schedule"]["epochs"]

@@ -122,7 +122,9 @@ def test_recipe_trains_with_the_third_party_method(workdir):
         # the plugin's default_weight, and its parameters resolved with their defaults
         {"name": METHOD, "weight": 0.9, "params": {"scale": 1.0}},
     ]
+    # The qualified name is recorded as the plain one (the only plugin of that name): written
+    # either way, one method is one spec; these two sets differ in weight and scale.
     assert qualified["spec"]["methods"][1] == {
-        "name": f"{DIST}:{METHOD}", "weight": 0.5, "params": {"scale": 2.0}}
+        "name": METHOD, "weight": 0.5, "params": {"scale": 2.0}}
     assert bare["id"] != qualified["id"]
     assert bare["teacher_id"] == qualified["teacher_id"]
