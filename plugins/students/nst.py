@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.api import NoParams, StudentMethod, UserError, at_least_fp32, hookimpl
+from kdbench.api import NoParams, StudentMethod, at_least_fp32, hookimpl
+from kdbench_plugins.students._stages import deepest_pairs, matched_stage_count
 
 
 def _plain(t: Tensor) -> Tensor:
@@ -79,24 +80,11 @@ class NST(StudentMethod):
 
     def __init__(self, params: NoParams, setup):
         super().__init__()
-        n_s, n_t = len(setup.student_out.feats) - 1, len(setup.teacher_out.feats) - 1
-        self.num_stages = min(n_s, n_t)
-        if self.num_stages < 1:
-            raise UserError(
-                f"nst needs at least one stage in feats[1:] of both nets (student has {n_s}, "
-                f"teacher {n_t})"
-            )
-        for name, out in (("student", setup.student_out), ("teacher", setup.teacher_out)):
-            for i, f in enumerate(out.feats[1:], start=1):
-                if f.dim() != 4:
-                    raise UserError(
-                        f"nst: {name} feats[{i}] has shape {tuple(f.shape)}; NST needs "
-                        "(B, C, H, W) maps"
-                    )
+        self.num_stages = matched_stage_count(setup, "nst")
 
     def forward(self, student, teacher, batch, extra):
         k = self.num_stages
-        pairs = zip(student.feats[1:][-k:], teacher.feats[1:][-k:])
+        pairs = deepest_pairs(student, teacher, k)
         return {"nst": sum(nst_stage_loss(f_s, f_t) for f_s, f_t in pairs)}
 
 
