@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
-from kdbench.api import Params
+from kdbench.api import KDModel, ModelOutput, Params
 
 
 class WidthParams(Params):
@@ -40,3 +41,34 @@ def init_repdistiller(model: nn.Module, linear_std: float | None = 0.01) -> None
             if linear_std is not None:
                 nn.init.normal_(m.weight, 0.0, linear_std)
             nn.init.zeros_(m.bias)
+
+
+class StemStagesNet(KDModel):
+    """The forward shared by the zoo's ResNets and ShuffleNetV1: a stem ``conv1`` → ``bn1`` →
+    ReLU, then ``stages`` of blocks that each return their pre-activation (the sum before the
+    block's final ReLU), global average pooling and the classifier named ``head`` (the
+    reference's state-dict name: ``fc`` or ``linear``). ``feats`` are the stem's and each
+    stage's post-ReLU outputs, ``preact_feats`` the same before the ReLU."""
+
+    head = "linear"
+    _stage_channels: list[int]
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        raise NotImplementedError
+
+    def stage_channels(self) -> list[int]:
+        return list(self._stage_channels)
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        pre = self.bn1(self.conv1(x))
+        out = F.relu(pre)
+        feats, preacts = [out], [pre]
+        for stage in self.stages:
+            for blk in stage:
+                pre = blk(out)
+                out = F.relu(pre)
+            feats.append(out)
+            preacts.append(pre)
+        pooled = self.avgpool(out).flatten(1)
+        return ModelOutput(getattr(self, self.head)(pooled), feats, preacts, pooled)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from kdbench.api import KDModel, ModelOutput, hookimpl
 
-from ._common import WidthParams, scaled
+from ._common import StemStagesNet, WidthParams, scaled
 
 
 class BasicBlock(nn.Module):
@@ -62,7 +62,7 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     )
 
 
-class CifarResNet(KDModel):
+class CifarResNet(StemStagesNet):
     """CIFAR ResNet as in RepDistiller/mdistiller ``resnetv2.py``: 3x3 stride-1 stem conv + BN +
     ReLU, no max-pool, four stages of widths 64/128/256/512 (x expansion), adaptive average pool,
     linear head.
@@ -106,24 +106,9 @@ class CifarResNet(KDModel):
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    def stage_channels(self) -> list[int]:
-        return list(self._stage_channels)
-
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         return [stage[-1].last_bn for stage in self.stages]
 
-    def forward(self, x: Tensor) -> ModelOutput:
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for stage in self.stages:
-            for blk in stage:
-                pre = blk(out)
-                out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = self.avgpool(out).flatten(1)
-        return ModelOutput(self.linear(pooled), feats, preacts, pooled)
 
 
 _VARIANTS = {

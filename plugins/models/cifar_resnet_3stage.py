@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from kdbench.api import KDModel, ModelOutput, hookimpl
 
-from ._common import WidthParams, scaled
+from ._common import StemStagesNet, WidthParams, scaled
 
 
 class BasicBlock(nn.Module):
@@ -74,7 +74,7 @@ class Bottleneck(nn.Module):
 BLOCKS = {"basicblock": (BasicBlock, 6), "bottleneck": (Bottleneck, 9)}
 
 
-class ResNet3Stage(KDModel):
+class ResNet3Stage(StemStagesNet):
     """CIFAR ResNet-depth: 3x3 stride-1 stem conv (``num_filters[0]`` channels) + BN + ReLU,
     three stages of n blocks (widths ``num_filters[1:]``, strides 1/2/2), global average pool,
     linear head ``fc``.
@@ -89,6 +89,8 @@ class ResNet3Stage(KDModel):
     The pool is adaptive: at 32x32 it is the reference's ``AvgPool2d(8)`` exactly; the
     reference's fixed 8x8 pool does not give a vector at 64x64, this one does (the global mean).
     """
+
+    head = "fc"  # the reference's classifier name
 
     def __init__(self, depth: int, num_filters: list[int], block_name: str, num_classes: int,
                  width_mult: float = 1.0):
@@ -131,24 +133,9 @@ class ResNet3Stage(KDModel):
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3]
 
-    def stage_channels(self) -> list[int]:
-        return list(self._stage_channels)
-
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         return [stage[-1].last_bn for stage in self.stages]
 
-    def forward(self, x: Tensor) -> ModelOutput:
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for stage in self.stages:
-            for blk in stage:
-                pre = blk(out)
-                out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = self.avgpool(out).flatten(1)
-        return ModelOutput(self.fc(pooled), feats, preacts, pooled)
 
 
 THIN, WIDE = [16, 16, 32, 64], [32, 64, 128, 256]

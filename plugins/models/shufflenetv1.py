@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from kdbench.api import KDModel, ModelOutput, hookimpl
 
-from ._common import WidthParams, scaled
+from ._common import StemStagesNet, WidthParams, scaled
 
 GROUPS = 3
 OUT_PLANES = (240, 480, 960)
@@ -56,7 +56,7 @@ class Bottleneck(nn.Module):
         return out + x
 
 
-class ShuffleNetV1(KDModel):
+class ShuffleNetV1(StemStagesNet):
     """CIFAR ShuffleNetV1 as in RepDistiller: 1x1 stem conv (24 channels) + BN + ReLU, no
     max-pool, three stages (a stride-2 unit, then stride-1 units), global average pool, linear
     head. PyTorch default init, as the reference.
@@ -100,24 +100,9 @@ class ShuffleNetV1(KDModel):
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3]
 
-    def stage_channels(self) -> list[int]:
-        return list(self._stage_channels)
-
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         return [stage[-1].bn3 for stage in self.stages]
 
-    def forward(self, x: Tensor) -> ModelOutput:
-        pre = self.bn1(self.conv1(x))
-        out = F.relu(pre)
-        feats, preacts = [out], [pre]
-        for stage in self.stages:
-            for blk in stage:
-                pre = blk(out)
-                out = F.relu(pre)
-            feats.append(out)
-            preacts.append(pre)
-        pooled = self.avgpool(out).flatten(1)
-        return ModelOutput(self.linear(pooled), feats, preacts, pooled)
 
 
 def _factory(num_classes: int, params: WidthParams) -> ShuffleNetV1:
