@@ -244,13 +244,16 @@ def test_leaderboard_without_matplotlib(registry, tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "lb" / "leaderboard.png").exists()
 
 
-def test_committed_example_leaderboard_matches_the_tiny_recipe():
+def test_committed_example_leaderboard_matches_its_recipe(registry):
+    """leaderboard/ is recipes/fashion_mnist_cpu.toml's grid: every row of it, 5 seeds a cell."""
+    loaded = load_recipe(RECIPES / "fashion_mnist_cpu.toml", registry, check_device=False, check_files=False)
+    rows = [ms.display for ms in loaded.recipe.method_sets]
     md = (ROOT / "leaderboard" / "leaderboard.md").read_text()
-    assert "## table1-tiny — synthetic 5 classes, 16x16" in md
+    assert "## fashion-mnist-cpu — Fashion-MNIST (100/class)" in md
     body = table_rows(md)
-    assert [r[0] for r in body[1: 3 + len(ROWS)]] == ["Teacher (ce)", "Teacher (margin)"] + ROWS
-    assert all("(n=2)" in c for r in body[3: 3 + len(ROWS)] for c in r[1:])
+    assert [r[0] for r in body[1: 3 + len(rows)]] == ["Teacher (ce)", "Teacher (margin)"] + rows
+    assert all("(n=5)" in c for r in body[3: 3 + len(rows)] for c in r[1:])
     long = list(csv.DictReader((ROOT / "leaderboard" / "leaderboard.csv").read_text().splitlines()))
     assert all(math.isfinite(float(r["mean"])) for r in long)
     assert (ROOT / "leaderboard" / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
-    assert "kdbench run recipes/table1_tiny.toml" in (ROOT / "leaderboard" / "README.md").read_text()
+    assert "kdbench run recipes/fashion_mnist_cpu.toml" in (ROOT / "leaderboard" / "README.md").read_text()
