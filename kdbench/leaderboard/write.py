@@ -1,0 +1,54 @@
+"""write_leaderboard: leaderboard.md, leaderboard.csv and leaderboard.png from a runs folder."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kdbench import literature
+from kdbench.api import UserError
+from kdbench.leaderboard.common import INT_COLUMNS, METRICS
+from kdbench.leaderboard.records import collect
+from kdbench.leaderboard.tables import build_tables
+from kdbench.store import atomic_write_bytes
+
+
+def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
+                      reference_file: str | None = None, plot: bool = True,
+                      literature_sources: list[str] | None = None) -> list[Path]:
+    """Writes leaderboard.md (at ``metric``), leaderboard.csv (both metrics) and (with
+    matplotlib) leaderboard.png (at ``metric``) into ``out_dir``; returns the paths written.
+    Without matplotlib the plot is skipped with one line on stderr. ``literature_sources``
+    (e.g. ["CRD", "DKD"]) shows those published numbers beside every table, for records run
+    before their recipe named ``[reference] literature``."""
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    if not runs_dir.exists():
+        raise UserError(f"{runs_dir}: runs folder does not exist")
+    metric = metric or "final"
+    if metric not in METRICS:
+        raise UserError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if literature_sources is not None:
+        try:
+            literature.resolve_sources(literature_sources)
+        except ValueError as exc:
+            raise UserError(f"literature: {exc}") from None
+    df, tdf, notes = collect(runs_dir)
+    tables = build_tables(df, tdf, metric, reference_file, notes, literature_sources)
+    md = "# kdbench leaderboard\n\n" + "\n".join(md for _, md, _ in tables)
+    written = [out_dir / "leaderboard.md", out_dir / "leaderboard.csv"]
+    atomic_write_bytes(written[0], md.encode())
+    long = pd.DataFrame([r for *_, rows in tables for r in rows])
+    for c in INT_COLUMNS:  # counts stay integers next to empty fields
+        long[c] = long[c].astype("Int64")
+    atomic_write_bytes(written[1], long.to_csv(index=False).encode())
+    if plot:
+        from kdbench.plot import MissingMatplotlib, write_plot
+
+        try:
+            written.append(write_plot([(title, [r for r in rows if r["metric"] == metric])
+                                       for title, _, rows in tables], metric,
+                                      out_dir / "leaderboard.png"))
+        except MissingMatplotlib as exc:
+            print(f"kdbench leaderboard: {exc}", file=sys.stderr)
+    return written
