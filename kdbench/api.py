@@ -109,6 +109,14 @@ def at_least_fp32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
+def saveable(t: Tensor) -> Tensor:
+    """``t``, or a copy of it if it is an inference tensor (made under ``torch.inference_mode``),
+    which autograd cannot save for backward: what a method applies to a teacher tensor it feeds
+    into a differentiable op (a regression target, an embedding's input). The engine runs the
+    teacher under ``no_grad``, so there this returns ``t`` itself."""
+    return t.clone() if t.is_inference() else t
+
+
 # --------------------------------------------------------------------------------------------
 # Training steps
 # --------------------------------------------------------------------------------------------

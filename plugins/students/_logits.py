@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from torch import Tensor
 
-from kdbench.api import Params, UserError
+from kdbench.api import Params, UserError, at_least_fp32
 
 LS_EPS = 1e-7  # added to the per-sample std, as in the reference
 _BOOL = TypeAdapter(bool)
@@ -54,6 +54,20 @@ def standardize_logits(z: Tensor) -> Tensor:
     mean = z.mean(dim=1, keepdim=True)
     std = z.std(dim=1, keepdim=True)  # unbiased (÷ C − 1), as torch's default
     return (z - mean) / (std + LS_EPS)
+
+
+def fp32_logit_pair(student_logits: Tensor, teacher_logits: Tensor, standardize: bool,
+                    method: str) -> tuple[Tensor, Tensor]:
+    """The student's logits and the teacher's (detached) in at least float32, z-scored if
+    ``standardize``: the start of a logit method's loss, to call with autocast off. UserError
+    (naming ``method``) unless the logits are (batch, classes ≥ 2)."""
+    if student_logits.dim() != 2 or student_logits.shape[1] < 2:
+        raise UserError(f"{method} needs logits of shape (batch, classes ≥ 2); got "
+                        f"{tuple(student_logits.shape)}")
+    s, t = at_least_fp32(student_logits), at_least_fp32(teacher_logits).detach()
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    return s, t
 
 
 def _is_false(v: Any) -> bool:

@@ -1,7 +1,10 @@
 """Stage matching shared by the feature-map methods that compare ``feats[1:]`` stage by stage
 (AT, NST): the deepest ``min(student stages, teacher stages)`` stages are paired, as OFD and VID
-pair them here."""
+pair them here, and each pair of maps is pooled to their common size."""
 from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
 
 from kdbench.api import UserError
 
@@ -19,6 +22,16 @@ def matched_stage_count(setup, method: str) -> int:
                 raise UserError(f"{method}: {name} feats[{i}] has shape {tuple(f.shape)}; "
                                 f"{method.upper()} needs (B, C, H, W) maps")
     return min(n_s, n_t)
+
+
+def pool_to_common(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool each map to (min H, min W) of the two (a no-op when already there)."""
+    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+    if tuple(s.shape[-2:]) != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if tuple(t.shape[-2:]) != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return s, t
 
 
 def deepest_pairs(student, teacher, k: int):

@@ -41,27 +41,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Params, StudentMethod, at_least_fp32, hookimpl
-from kdbench_plugins.students._stages import deepest_pairs, matched_stage_count
+from kdbench.api import Params, StudentMethod, at_least_fp32, hookimpl, saveable
+from kdbench_plugins.students._stages import deepest_pairs, matched_stage_count, pool_to_common
 
 
 class ATParams(Params):
     p: float = Field(2.0, gt=0, description="power of the activations in the attention map")
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
-
-
-def pool_to_common(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average-pool each map to (min H, min W) of the two (a no-op when already there)."""
-    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
-    if tuple(s.shape[-2:]) != size:
-        s = F.adaptive_avg_pool2d(s, size)
-    if tuple(t.shape[-2:]) != size:
-        t = F.adaptive_avg_pool2d(t, size)
-    return s, t
 
 
 def attention_map(f: Tensor, p: float) -> Tensor:
@@ -73,7 +59,7 @@ def at_stage_loss(f_s: Tensor, f_t: Tensor, p: float) -> Tensor:
     """Mean over batch and positions of the squared difference of the two attention maps, in
     float32 with autocast off."""
     with torch.autocast(device_type=f_s.device.type, enabled=False):
-        f_s, f_t = pool_to_common(at_least_fp32(f_s), at_least_fp32(_plain(f_t)))
+        f_s, f_t = pool_to_common(at_least_fp32(f_s), at_least_fp32(saveable(f_t)))
         return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 

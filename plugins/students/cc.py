@@ -36,16 +36,12 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl, saveable
 
 
 class CCParams(Params):
     feat_dim: int = Field(128, ge=1, description="output size of the two linear embedding heads")
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
 
 
 def cc_loss(e_s: Tensor, e_t: Tensor) -> Tensor:
@@ -75,7 +71,7 @@ class CC(StudentMethod):
 
     def forward(self, student, teacher, batch, extra):
         e_s = self.embed_s(student.pooled)
-        e_t = self.embed_t(_plain(teacher.pooled))
+        e_t = self.embed_t(saveable(teacher.pooled))
         return {"cc": cc_loss(e_s, e_t)}
 
 

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdbench.api import Params, StudentMethod, UserError, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, hookimpl, saveable
 
 NCE_EPS = 1e-7
 
@@ -199,9 +199,7 @@ class CRD(StudentMethod):
                 setattr(self, name, bank.index_copy(0, idx, new))
 
     def forward(self, student, teacher, batch, extra):
-        t = teacher.pooled
-        if t.is_inference():
-            t = t.clone()
+        t = saveable(teacher.pooled)
         v_s = self.embed_s(student.pooled)
         v_t = self.embed_t(t)
         neg = self.sample_negatives(batch.index)

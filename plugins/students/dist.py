@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import StudentMethod, UserError, at_least_fp32, hookimpl
-from kdbench_plugins.students._logits import LogitStandardization, standardize_logits
+from kdbench.api import StudentMethod, hookimpl
+from kdbench_plugins.students._logits import LogitStandardization, fp32_logit_pair
 
 PEARSON_EPS = 1e-8  # the reference's cosine_similarity eps
 
@@ -70,13 +70,8 @@ def pearson_rows(a: Tensor, b: Tensor, eps: float = PEARSON_EPS) -> Tensor:
 def dist_terms(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
                standardize: bool = False) -> tuple[Tensor, Tensor]:
     """(inter, intra), each with its τ², unweighted; float32 with autocast off."""
-    if student_logits.dim() != 2 or student_logits.shape[1] < 2:
-        raise UserError(f"dist needs logits of shape (batch, classes ≥ 2); got "
-                        f"{tuple(student_logits.shape)}")
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        s, t = at_least_fp32(student_logits), at_least_fp32(teacher_logits).detach()
-        if standardize:
-            s, t = standardize_logits(s), standardize_logits(t)
+        s, t = fp32_logit_pair(student_logits, teacher_logits, standardize, "dist")
         y_s, y_t = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
         inter = 1 - pearson_rows(y_s, y_t).mean()
         intra = 1 - pearson_rows(y_s.t(), y_t.t()).mean()

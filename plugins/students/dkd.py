@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import StudentMethod, UserError, at_least_fp32, hookimpl
-from kdbench_plugins.students._logits import LogitStandardization, standardize_logits
+from kdbench.api import StudentMethod, hookimpl
+from kdbench_plugins.students._logits import LogitStandardization, fp32_logit_pair
 
 
 class DKDParams(LogitStandardization):
@@ -73,13 +73,8 @@ def warmup_factor(epoch: int, warmup_epochs: int) -> float:
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float,
               standardize: bool = False) -> tuple[Tensor, Tensor]:
     """(TCKD, NCKD), each T² · batch-mean KL, unweighted; float32 with autocast off."""
-    if student_logits.dim() != 2 or student_logits.shape[1] < 2:
-        raise UserError(f"dkd needs logits of shape (batch, classes ≥ 2); got "
-                        f"{tuple(student_logits.shape)}")
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        s, t = at_least_fp32(student_logits), at_least_fp32(teacher_logits).detach()
-        if standardize:
-            s, t = standardize_logits(s), standardize_logits(t)
+        s, t = fp32_logit_pair(student_logits, teacher_logits, standardize, "dkd")
         b, c = s.shape
         gt = F.one_hot(target.long(), c).bool()
         log_p_s = F.log_softmax(s / temperature, dim=1)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdbench.api import Params, StudentMethod, UserError, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, hookimpl, saveable
 
 
 class FitNetParams(Params):
@@ -40,10 +40,6 @@ class FitNetParams(Params):
         2, ge=0, description="feats index (stem = 0) of the hint (teacher) and guided (student) layer"
     )
 
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
 
 
 class ConvRegressor(nn.Module):
@@ -90,7 +86,7 @@ class FitNet(StudentMethod):
 
     def forward(self, student, teacher, batch, extra):
         pred = self.regressor(student.feats[self.hint_layer])  # may run in bf16 under autocast
-        target = _plain(teacher.feats[self.hint_layer])
+        target = saveable(teacher.feats[self.hint_layer])
         with torch.autocast(device_type=pred.device.type, enabled=False):
             return {"fitnet": F.mse_loss(pred.float(), target.float())}
 

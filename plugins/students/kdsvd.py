@@ -70,16 +70,12 @@ from pydantic import Field
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl, saveable
 
 
 class KDSVDParams(Params):
     k: int = Field(1, ge=1, description="number of teacher singular vectors distilled per stage")
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
 
 
 def _finite(x: Tensor) -> Tensor:
@@ -158,7 +154,7 @@ def kdsvd_loss(g_s: list[Tensor], g_t: list[Tensor], k: int) -> Tensor:
         total = None
         prev_s = prev_t = None
         for f_s, f_t in zip(g_s, g_t):
-            f_s, f_t = at_least_fp32(f_s), at_least_fp32(_plain(f_t))
+            f_s, f_t = at_least_fp32(f_s), at_least_fp32(saveable(f_t))
             with torch.no_grad():
                 sigma_t, v_t = right_singular(f_t, k)
                 v_t = canonical_sign(v_t)

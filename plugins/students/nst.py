@@ -40,23 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.api import NoParams, StudentMethod, at_least_fp32, hookimpl
-from kdbench_plugins.students._stages import deepest_pairs, matched_stage_count
+from kdbench.api import NoParams, StudentMethod, at_least_fp32, hookimpl, saveable
+from kdbench_plugins.students._stages import deepest_pairs, matched_stage_count, pool_to_common
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
-
-
-def pool_to_common(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Adaptive-average-pool each map to (min H, min W) of the two (a no-op when already there)."""
-    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
-    if tuple(s.shape[-2:]) != size:
-        s = F.adaptive_avg_pool2d(s, size)
-    if tuple(t.shape[-2:]) != size:
-        t = F.adaptive_avg_pool2d(t, size)
-    return s, t
 
 
 def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -68,7 +54,7 @@ def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
 def nst_stage_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     """The squared MMD of one stage, in float32 with autocast off."""
     with torch.autocast(device_type=f_s.device.type, enabled=False):
-        f_s, f_t = pool_to_common(at_least_fp32(f_s), at_least_fp32(_plain(f_t)))
+        f_s, f_t = pool_to_common(at_least_fp32(f_s), at_least_fp32(saveable(f_t)))
         s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
         t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2)
         return (poly_kernel_mean(t, t).detach() + poly_kernel_mean(s, s)

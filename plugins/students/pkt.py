@@ -32,16 +32,12 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl, saveable
 
 
 class PKTParams(Params):
     eps: float = Field(1e-7, gt=0, description="added to the norms and inside the log ratio")
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
 
 
 def conditional_probabilities(x: Tensor, eps: float) -> Tensor:
@@ -56,7 +52,7 @@ def pkt_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-7) -> Tensor:
     """Mean over the B² entries of P_t · log((P_t + ε) / (P_s + ε)), in float32, autocast off."""
     with torch.autocast(device_type=f_s.device.type, enabled=False):
         s = at_least_fp32(f_s).reshape(f_s.shape[0], -1)
-        t = at_least_fp32(_plain(f_t)).reshape(f_t.shape[0], -1)
+        t = at_least_fp32(saveable(f_t)).reshape(f_t.shape[0], -1)
         p_s, p_t = conditional_probabilities(s, eps), conditional_probabilities(t, eps)
         return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 

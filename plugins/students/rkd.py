@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from kdbench.api import Params, StudentMethod, hookimpl
+from kdbench.api import Params, StudentMethod, hookimpl, saveable
 
 
 class RKDParams(Params):
@@ -96,9 +96,7 @@ class RKD(StudentMethod):
         self.eps = params.eps
 
     def forward(self, student, teacher, batch, extra):
-        t = teacher.pooled
-        if t.is_inference():
-            t = t.clone()
+        t = saveable(teacher.pooled)
         d, a = rkd_terms(
             student.pooled, t, self.distance_weight, self.angle_weight, self.squared, self.eps
         )

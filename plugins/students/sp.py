@@ -28,12 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdbench.api import NoParams, StudentMethod, UserError, at_least_fp32, hookimpl
+from kdbench.api import NoParams, StudentMethod, UserError, at_least_fp32, hookimpl, saveable
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A teacher tensor usable in autograd (inference-mode tensors cannot be saved for backward)."""
-    return t.clone() if t.is_inference() else t
 
 
 def normalised_gram(f: Tensor) -> Tensor:
@@ -47,7 +43,7 @@ def sp_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     if f_s.shape[0] != f_t.shape[0]:
         raise UserError(f"sp: student batch {f_s.shape[0]} != teacher batch {f_t.shape[0]}")
     with torch.autocast(device_type=f_s.device.type, enabled=False):
-        f_s, f_t = at_least_fp32(f_s), at_least_fp32(_plain(f_t))
+        f_s, f_t = at_least_fp32(f_s), at_least_fp32(saveable(f_t))
         bsz = f_s.shape[0]
         diff = normalised_gram(f_t) - normalised_gram(f_s)
         return (diff * diff).sum() / (bsz * bsz)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl
+from kdbench.api import Params, StudentMethod, UserError, at_least_fp32, hookimpl, saveable
 
 
 class VIDParams(Params):
@@ -120,10 +120,7 @@ class VID(StudentMethod):
     def forward(self, student, teacher, batch, extra):
         total = 0.0
         for reg, alpha, i, j in zip(self.regressors, self.log_scales, self.s_idx, self.t_idx):
-            t = teacher.feats[j]
-            if t.is_inference():
-                t = t.clone()
-            t = at_least_fp32(t)  # the loss target: pooled (if it is the larger map) in fp32
+            t = at_least_fp32(saveable(teacher.feats[j]))  # the loss target: pooled (if it is the larger map) in fp32
             with torch.autocast(device_type=t.device.type, enabled=False):
                 s, t = match_spatial(student.feats[i], t)
             mu = reg(s)
