@@ -244,3 +244,20 @@ def registry():
     reg = builtin_registry()
     assert not reg.broken, reg.broken
     return reg
+
+
+def add_plugin(monkeypatch, kind: str, name: str, factory, params=None) -> None:
+    """Every registry loaded while ``monkeypatch`` is active also has the test's plugin ``name``
+    of ``kind`` (provided by a "tests" distribution), as if a package registered it."""
+    import kdbench.registry as registry_module
+    from kdbench.api import NoParams
+    from kdbench.registry import Plugin
+
+    original = registry_module.load_registry
+
+    def load(*args, **kwargs):
+        reg = original(*args, **kwargs)
+        reg.plugins[kind][name] = [Plugin(kind, name, factory, params or NoParams, "", "tests", "0", "tests")]
+        return reg
+
+    monkeypatch.setattr(registry_module, "load_registry", load)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_kdbench
-from kdbench.api import KDModel, ModelOutput, NoParams
+from conftest import add_plugin, run_kdbench
+from kdbench.api import KDModel, ModelOutput
 from kdbench.cli import main
 
 
@@ -211,17 +211,7 @@ class NonDeterministic(Fixed32):
 
 
 def _add_model(monkeypatch, name, factory):
-    import kdbench.registry as registry
-    from kdbench.registry import Plugin
-
-    original = registry.load_registry
-
-    def load(*args, **kwargs):
-        reg = original(*args, **kwargs)
-        reg.plugins["model"][name] = [Plugin("model", name, factory, NoParams, "", "tests", "0", __name__)]
-        return reg
-
-    monkeypatch.setattr(registry, "load_registry", load)
+    add_plugin(monkeypatch, "model", name, factory)
 
 
 def test_deterministic_with_an_op_that_has_no_deterministic_implementation(tiny_recipe, monkeypatch,

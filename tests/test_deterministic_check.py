@@ -10,7 +10,8 @@ import json
 
 import torch
 
-from kdbench.api import NoParams, StudentMethod
+from conftest import add_plugin
+from kdbench.api import StudentMethod
 from kdbench.cli import main
 
 
@@ -29,18 +30,7 @@ class NonDeterministicMethod(StudentMethod):
 
 
 def _with_method(monkeypatch):
-    import kdbench.registry as registry
-    from kdbench.registry import Plugin
-
-    original = registry.load_registry
-
-    def load(*args, **kwargs):
-        reg = original(*args, **kwargs)
-        reg.plugins["student_method"]["nondet"] = [
-            Plugin("student_method", "nondet", NonDeterministicMethod, NoParams, "", "tests", "0", __name__)]
-        return reg
-
-    monkeypatch.setattr(registry, "load_registry", load)
+    add_plugin(monkeypatch, "student_method", "nondet", NonDeterministicMethod)
 
 
 def _deterministic(recipe, methods: str):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from conftest import add_plugin
 from kdbench.api import InitStage, Params, StudentMethod
 from kdbench.cli import main
 
@@ -47,18 +48,7 @@ class PretrainedConnector(StudentMethod):
 
 
 def _with_method(monkeypatch):
-    import kdbench.registry as registry
-    from kdbench.registry import Plugin
-
-    original = registry.load_registry
-
-    def load(*args, **kwargs):
-        reg = original(*args, **kwargs)
-        reg.plugins["student_method"]["connect"] = [
-            Plugin("student_method", "connect", PretrainedConnector, ConnectParams, "", "tests", "0", __name__)]
-        return reg
-
-    monkeypatch.setattr(registry, "load_registry", load)
+    add_plugin(monkeypatch, "student_method", "connect", PretrainedConnector, ConnectParams)
 
 
 def _recipe(tiny_recipe, name, init_epochs):
