@@ -3,8 +3,8 @@
 
 Not to be confused with :mod:`.cifar_resnet` (resnet18/34/50): those are the *four*-stage
 ImageNet-style ResNets adapted to 32x32 inputs (RepDistiller ``resnetv2.py``). This family has
-a 3x3 stem and *three* stages of n blocks each (depth = 6n + 2 with BasicBlocks, 9n + 2 with
-Bottlenecks) at widths 16/32/64 (x4 for the "x4" nets), and uses the reference's module names
+a 3x3 stem and *three* stages of n BasicBlocks each (depth = 6n + 2; the reference's Bottleneck
+variant, 9n + 2, is registered under no name there and is left out) at widths 16/32/64 (x4 for the "x4" nets), and uses the reference's module names
 (``layerK.J.downsample``, ``fc``) so its published checkpoints load unchanged.
 """
 from __future__ import annotations
@@ -20,8 +20,6 @@ from ._common import StemStagesNet, WidthParams, scaled
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU, conv3x3-BN, + shortcut (``downsample`` = 1x1 conv + BN when the shape
     changes, else the identity)."""
-
-    expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None):
@@ -43,35 +41,6 @@ class BasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
-class Bottleneck(nn.Module):
-    """conv1x1-BN-ReLU, conv3x3(stride)-BN-ReLU, conv1x1 (x4 channels)-BN, + shortcut."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = downsample
-
-    @property
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Returns the pre-activation (residual sum before the block's final ReLU)."""
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return out + (x if self.downsample is None else self.downsample(x))
-
-
-BLOCKS = {"basicblock": (BasicBlock, 6), "bottleneck": (Bottleneck, 9)}
 
 
 class ResNet3Stage(StemStagesNet):
@@ -92,23 +61,21 @@ class ResNet3Stage(StemStagesNet):
 
     head = "fc"  # the reference's classifier name
 
-    def __init__(self, depth: int, num_filters: list[int], block_name: str, num_classes: int,
-                 width_mult: float = 1.0):
+    def __init__(self, depth: int, num_filters: list[int], num_classes: int, width_mult: float = 1.0):
         super().__init__()
-        block, per_block = BLOCKS[block_name.lower()]
-        if (depth - 2) % per_block:
-            raise ValueError(f"with {block_name}, the depth must be {per_block}n + 2")
-        n = (depth - 2) // per_block
+        if (depth - 2) % 6:
+            raise ValueError(f"the depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
         widths = [scaled(w, width_mult) for w in num_filters]
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.layer1 = self._make_layer(block, widths[1], n, 1)
-        self.layer2 = self._make_layer(block, widths[2], n, 2)
-        self.layer3 = self._make_layer(block, widths[3], n, 2)
+        self.layer1 = self._make_layer(widths[1], n, 1)
+        self.layer2 = self._make_layer(widths[2], n, 2)
+        self.layer3 = self._make_layer(widths[3], n, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
-        self._stage_channels = [w * block.expansion for w in widths[1:]]
+        self.fc = nn.Linear(widths[3], num_classes)
+        self._stage_channels = widths[1:]
 
         for m in self.modules():  # the reference's init (the linear layer keeps PyTorch's)
             if isinstance(m, nn.Conv2d):
@@ -117,16 +84,16 @@ class ResNet3Stage(StemStagesNet):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, planes: int, n: int, stride: int) -> nn.Sequential:
         downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
+        if stride != 1 or self.inplanes != planes:
             downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
+                nn.Conv2d(self.inplanes, planes, 1, stride, bias=False),
+                nn.BatchNorm2d(planes),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, n)]
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(self.inplanes, planes) for _ in range(1, n)]
         return nn.Sequential(*layers)
 
     @property
@@ -135,7 +102,6 @@ class ResNet3Stage(StemStagesNet):
 
     def bn_before_relu(self) -> list[nn.BatchNorm2d]:
         return [stage[-1].last_bn for stage in self.stages]
-
 
 
 THIN, WIDE = [16, 16, 32, 64], [32, 64, 128, 256]
@@ -148,7 +114,7 @@ VARIANTS = {  # name -> (depth, num_filters), all with BasicBlocks (as the refer
 
 def _factory(depth: int, num_filters: list[int]):
     def factory(num_classes: int, params: WidthParams) -> ResNet3Stage:
-        return ResNet3Stage(depth, num_filters, "basicblock", num_classes, params.width_mult)
+        return ResNet3Stage(depth, num_filters, num_classes, params.width_mult)
 
     return factory
 
