@@ -20,7 +20,9 @@ torch.set_num_threads(1)
 MODULES = ["cifar_resnet", "wrn", "vgg", "mobilenetv2", "shufflenetv2"]
 
 
-def _collect() -> dict[str, tuple]:
+def collect_models(modules: list[str]) -> dict[str, tuple]:
+    """name -> (factory, params) of every model the plugin modules ``modules`` register, each
+    registration checked (one name once, a Params model, a one-line help)."""
     found: dict[str, tuple] = {}
 
     def register(name, factory, params=None, help=""):
@@ -29,13 +31,13 @@ def _collect() -> dict[str, tuple]:
         assert help and "\n" not in help, name
         found[name] = (factory, params)
 
-    for mod in MODULES:
+    for mod in modules:
         module = importlib.import_module(f"kdbench_plugins.models.{mod}")
         module.kdbench_register_models(register=register)
     return found
 
 
-MODELS = _collect()
+MODELS = collect_models(MODULES)
 NAMES = sorted(MODELS)
 
 

@@ -35,15 +35,15 @@ thin copies (``width_mult``); tests/test_models.py covers the older ones.
 from __future__ import annotations
 
 import hashlib
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.api import KDModel, ModelOutput, Params
+from kdbench.api import KDModel, ModelOutput
 from kdbench.published import load_published_teacher
+from test_models import collect_models
 
 torch.set_num_threads(1)
 
@@ -175,22 +175,7 @@ SIZES_32 = {"resnet": [32, 16, 8], "wrn": [32, 16, 8], "vgg": [16, 8, 4, 4],
 THIN = 0.25
 
 
-def _collect() -> dict[str, tuple]:
-    found: dict[str, tuple] = {}
-
-    def register(name, factory, params=None, help=""):
-        assert name not in found, f"{name} registered twice"
-        assert isinstance(params, type) and issubclass(params, Params), name
-        assert help and "\n" not in help, name
-        found[name] = (factory, params)
-
-    for mod in MODULES:
-        importlib.import_module(f"kdbench_plugins.models.{mod}").kdbench_register_models(
-            register=register)
-    return found
-
-
-MODELS = _collect()
+MODELS = collect_models(MODULES)
 
 
 def build(name: str, num_classes: int = 100, **params) -> KDModel:
