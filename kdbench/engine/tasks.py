@@ -240,6 +240,9 @@ class InitTask:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, stage):
         self.student, self.teacher, self.stage = student, teacher, stage
+        # Once, not per step: fit() puts modules() (the stage's) in train mode at every epoch's
+        # start, after this; evaluation restores the student's mode as it found it.
+        student.train(stage.student_train_mode)
 
     def modules(self):
         return list(self.stage.modules)
@@ -256,9 +259,6 @@ class InitTask:
                                   "in one process")
 
     def loss_terms(self, batch):
-        self.student.train(self.stage.student_train_mode)
-        for m in self.stage.modules:  # after the student: a stage module may be part of it
-            m.train()
         s_out = self.student(batch.x)
         with torch.no_grad():
             t_out = self.teacher(batch.x)
