@@ -72,7 +72,9 @@ class LoadedRecipe:
         for kind, path, table in self.plugin_tables():
             if path not in out:
                 out[path] = registry.find(kind, table.name).params.model_validate(table.params)
-        if any(pair.method_params for pair in self.recipe.pairs) and not any(k[0] == "pairs" and len(k) > 3 for k in out):
+        # load_recipe validated the pairs' method_params already; a LoadedRecipe built by hand
+        # (no params) has them validated here.
+        if not self.params and any(pair.method_params for pair in self.recipe.pairs):
             problems = _check_pair_overrides(self.recipe, registry, Locator(self.text), out)
             if problems:
                 raise RecipeError(self.path, problems)
