@@ -146,7 +146,8 @@ class Batch:
 class InitStage:
     """Epochs a method trains before distillation starts (RepDistiller's ``--init_epochs``: AB,
     FT and FSP pre-train their own modules first). The engine runs each method's stage with SGD
-    (``lr``, ``momentum``, ``weight_decay``, no decay) on the training set, batches of the student
+    (``lr``, ``momentum``, ``weight_decay``, no decay; ``lr = None``: the student schedule's
+    learning rate, as RepDistiller's init for AB and FSP) on the training set, batches of the student
     schedule's size, view 0 only, the frozen teacher in eval mode and the student in train mode
     only if ``student_train_mode`` (RepDistiller keeps it in eval mode), with checkpoints and
     resume like any epoch; the stage's epochs go into the record under ``init_stages``.
@@ -158,7 +159,7 @@ class InitStage:
     epochs: int
     modules: list[nn.Module]
     loss: Callable[["ModelOutput", "ModelOutput", "Batch"], dict[str, Tensor]]
-    lr: float = 0.05
+    lr: float | None = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     student_train_mode: bool = False

@@ -199,7 +199,8 @@ class RunTrainer:
         data, out = self.grid_data(), {}
         for i, (name, stage) in enumerate(stages):
             sched = Schedule(epochs=stage.epochs, batch_size=spec.spec["schedule"]["batch_size"],
-                             lr=stage.lr, momentum=stage.momentum, weight_decay=stage.weight_decay)
+                             lr=stage.lr if stage.lr is not None else spec.spec["schedule"]["lr"],
+                             momentum=stage.momentum, weight_decay=stage.weight_decay)
             ckpt = type(checkpointer)(checkpointer.dir / f"init-{name}", checkpointer.every_steps,
                                       warn=checkpointer.warn)
             # Its own data order: the main schedule's stream is the same with or without it.
