@@ -1,4 +1,4 @@
-"""The whole plugin contract: five hooks, one per kind of named thing.
+"""The whole plugin contract: six hooks, one per kind of named thing.
 
 Each hook receives ``register(name, factory, params=Params subclass, help="one line")``.
 A plugin module (named by an entry point in the ``kdbench`` group) implements any of them::
@@ -51,3 +51,10 @@ def kdbench_register_views(register):
     in and out, drawing its randomness from ``generator`` only (on the images' device). A method
     or objective asks for a view by name in its ``views`` ClassVar; its outputs for the view
     arrive in ``extra[name]``."""
+
+
+@hookspec
+def kdbench_register_trackers(register):
+    """Register experiment trackers: ``factory(params, output_dir) -> kdbench.trackers.Tracker``,
+    told each run's start, per-epoch metrics and end (rank 0 only, once per epoch; see
+    :mod:`kdbench.trackers`). Off unless ``kdbench run --tracker NAME`` asks for one."""

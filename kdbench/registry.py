@@ -28,6 +28,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "teacher_objective": ("kdbench_register_teacher_objectives", "teacher objectives"),
     "student_method": ("kdbench_register_student_methods", "student methods"),
     "view": ("kdbench_register_views", "augmentation views"),
+    "tracker": ("kdbench_register_trackers", "experiment trackers"),
 }
 
 ONLY_DISTS_ENV = "KDBENCH_ONLY_DISTS"  # comma-separated distributions to load (tests, debugging)
