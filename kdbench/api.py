@@ -242,9 +242,15 @@ class TeacherObjective(nn.Module):
     """A teacher training objective: returns named loss terms (summed by the engine).
 
     ``views``: extra augmented views needed (e.g. ``("second",)`` for a positive view); their
-    model outputs arrive in ``extra``. ``encode`` runs the teacher (with gradient, in the
+    model outputs arrive in ``extra``, for the views in ``forward_views`` (default: all of
+    ``views``; an objective that only needs a view's images, in ``batch.views``, lists fewer and
+    saves the teacher's forward of it). ``encode`` runs the teacher (with gradient, in the
     current mode) on already-normalised images, for objectives that re-encode cached samples.
     Persistent state must live in buffers or ``get_extra_state`` so it is checkpointed.
+
+    ``representation(out)``, optional: the embedding f(x) the objective trains (e.g. the logits
+    or a projection of the pooled feature); the finished teacher's diagnostics then measure
+    Section 4's distances and losses for it too, under ``representation_name``.
     """
 
     views: ClassVar[tuple[str, ...]] = ()

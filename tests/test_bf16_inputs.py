@@ -50,12 +50,17 @@ STUDENT_METHODS = {
     "dkd": ([{}, {"logit_standardize": True}], []),
     "dist": ([{}, {"logit_standardize": True}], []),
     "ctkd": ([{}, {"logit_standardize": True}], []),
+    # Two-stage methods: their init stage's loss is checked with the main terms (call_student).
+    "ab": ([{}], ["connectors.*"]),
+    "ft": ([{}], ["paraphraser.encoder", "paraphraser.decoder", "translator"]),
+    "fsp": ([{}], []),
 }
 # KDSVD needs equal channel counts in the stages it matches: its nets get the student's.
-TEACHER_CHANNELS = {"kdsvd": (6, 8)}
+TEACHER_CHANNELS = {"kdsvd": (6, 8), "fsp": (6, 8)}
 TEACHER_OBJECTIVES = {
     "ce": ([{}], []),
-    "intra_class": ([{}, {"embedding": "logits"}, {"embedding": "projection", "temperature": 0.3}],
+    "intra_class": ([{}, {"embedding": "logits_normalized"}, {"embedding": "pooled_normalized"},
+                     {"embedding": "projection", "temperature": 0.3}],
                     ["embed.head"]),
     "margin_intra": ([{"pipeline_size": 0, "delta": -1.0},
                       {"pipeline_size": 0, "delta": -1.0, "embedding": "projection"},
@@ -172,8 +177,13 @@ def student_inputs(geometry, name=None):
 
 
 def call_student(method, batch, s, t, s2, t2):
+    """The main-schedule terms and, for a method with an initialisation stage, its stage's."""
     method.train()
-    return method(s, t, batch, {"strong": (s2, t2)})
+    terms = method(s, t, batch, {"strong": (s2, t2)})
+    stage = method.init_stage()
+    if stage is not None:
+        terms.update({f"init.{k}": v for k, v in stage.loss(s, t, batch).items()})
+    return terms
 
 
 def build_student(registry, name, variant, setup):
@@ -219,7 +229,7 @@ def test_student_gradients_on_the_bf16_path(registry, name, variant):
     s, s2 = as_bf16(outs[0], requires_grad=True), as_bf16(outs[2], requires_grad=True)
     t, t2 = as_bf16(outs[1]), as_bf16(outs[3])
     with torch.autocast("cpu", dtype=BF16):
-        terms = method(s, t, batch, {"strong": (s2, t2)})
+        terms = call_student(method, batch, s, t, s2, t2)
         loss = sum(terms.values())
     assert loss.dtype == torch.float32
     loss.backward()
@@ -332,7 +342,7 @@ def test_teacher_objective_gradients_on_the_bf16_path(registry, name, variant):
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert logits.grad.float().abs().sum() > 0
-    if name != "ce" and variant.get("embedding", "pooled") != "logits":
+    if name != "ce" and variant.get("embedding", "logits") in ("pooled_normalized", "projection"):
         assert pooled.grad is not None and torch.isfinite(pooled.grad).all()
         assert pooled.grad.float().abs().sum() > 0
     for pname, p in obj.named_parameters():

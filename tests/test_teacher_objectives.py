@@ -106,7 +106,8 @@ def test_intra_class_matches_numpy(tau):
     n, d, c = len(y), 5, 3
     logits = torch.randn(n, c, generator=g)
     p1, p2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
-    obj = IntraClass(IntraClassParams.model_validate({"lambda": 0.03, "temperature": tau}), make_setup(c))
+    obj = IntraClass(IntraClassParams.model_validate({"lambda": 0.03, "temperature": tau,
+                                                      "embedding": "pooled_normalized"}), make_setup(c))
     batch = Batch(x=torch.zeros(n, 3, 4, 4), y=y, index=torch.arange(n))
     terms = obj(mo(logits, p1), batch, {"second": mo(logits, p2)}, dummy_encode)
 
@@ -131,9 +132,14 @@ def test_intra_class_projection_and_logits_embeddings():
     p1, p2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     batch = Batch(x=torch.zeros(n, 3, 4, 4), y=y, index=torch.arange(n))
 
-    obj = IntraClass(IntraClassParams(embedding="logits"), setup)
+    obj = IntraClass(IntraClassParams(embedding="logits_normalized"), setup)
     t = obj(mo(logits1, p1), batch, {"second": mo(logits2, p2)}, dummy_encode)
     ref, _ = np_intra(np_normalize(logits1), np_normalize(logits2), y.tolist(), 1.0)
+    assert t["intra"].item() == pytest.approx(0.02 * ref, rel=1e-5)
+
+    obj = IntraClass(IntraClassParams(embedding="logits"), setup)  # unnormalised: Eq. 4 as printed
+    t = obj(mo(logits1, p1), batch, {"second": mo(logits2, p2)}, dummy_encode)
+    ref, _ = np_intra(logits1.double().numpy(), logits2.double().numpy(), y.tolist(), 1.0)
     assert t["intra"].item() == pytest.approx(0.02 * ref, rel=1e-5)
 
     obj = IntraClass(IntraClassParams(embedding="projection"), setup)
@@ -152,7 +158,7 @@ def test_intra_class_no_negatives_is_connected_zero():
     y = torch.tensor([0, 1, 2])  # every class once
     p1 = torch.randn(3, 4, requires_grad=True)
     p2 = torch.randn(3, 4, requires_grad=True)
-    obj = IntraClass(IntraClassParams(), make_setup(3))
+    obj = IntraClass(IntraClassParams(embedding="pooled_normalized"), make_setup(3))
     batch = Batch(x=torch.zeros(3, 3, 4, 4), y=y, index=torch.arange(3))
     t = obj(mo(torch.randn(3, 3), p1), batch, {"second": mo(torch.randn(3, 3), p2)}, dummy_encode)
     assert t["intra"].item() == 0.0
@@ -235,7 +241,8 @@ def test_margin_gate_in_batch_gradients_and_value():
     g = torch.Generator().manual_seed(5)
     p1 = torch.randn(len(y), d, generator=g).requires_grad_()
     p2 = torch.randn(len(y), d, generator=g).requires_grad_()
-    obj = MarginIntra(MarginIntraParams(pipeline_size=0, delta=0.5, temperature=0.7), make_setup(c))
+    obj = MarginIntra(MarginIntraParams(pipeline_size=0, delta=0.5, temperature=0.7,
+                                        embedding="pooled_normalized"), make_setup(c))
     batch = Batch(x=torch.zeros(len(y), 3, 4, 4), y=y, index=torch.arange(len(y)))
     t = obj(mo(logits, p1), batch, {"second": mo(logits, p2)}, dummy_encode)
 
@@ -324,8 +331,8 @@ def test_pipeline_matches_reference_and_gates_gradients(size):
     rng = np.random.default_rng(size)
     enc = LookupEncoder(2 * 100 * 12, d)
     table_np = np_normalize(enc.table.detach())
-    obj = MarginIntra(MarginIntraParams(pipeline_size=size, temperature=tau, **{"lambda": lam}),
-                      make_setup(c, image_size=2))
+    obj = MarginIntra(MarginIntraParams(pipeline_size=size, temperature=tau, embedding="pooled_normalized",
+                                        **{"lambda": lam}), make_setup(c, image_size=2))
     ref = PipelineReference(c, size)
     total_flushes = 0
     for step in range(12):
@@ -363,7 +370,8 @@ def test_pipeline_matches_reference_and_gates_gradients(size):
 
 def test_pipeline_flushes_exactly_at_size_and_keeps_remainders():
     c, size = 3, 3
-    obj = MarginIntra(MarginIntraParams(pipeline_size=size), make_setup(c, image_size=2))
+    obj = MarginIntra(MarginIntraParams(pipeline_size=size, embedding="pooled_normalized"),
+                      make_setup(c, image_size=2))
     enc = LookupEncoder(2 * 100 * 4, 4)
     # step 0: class 0 gets 2 passing, class 1 gets 2 (one gated out), class 2 none passing
     batch, logits, _, _ = make_step(0, [0, 0, 1, 2, 1, 1], [True, True, True, False, True, False], c)
@@ -413,7 +421,8 @@ def test_pipeline_with_real_model_trains_several_steps():
     c, s = 3, 8
     setup = make_setup(c, image_size=s)
     model = setup.model
-    obj = MarginIntra(MarginIntraParams(pipeline_size=2, delta=-1.0), setup)  # everything passes
+    obj = MarginIntra(MarginIntraParams(pipeline_size=2, delta=-1.0, embedding="pooled_normalized"),
+                      setup)  # everything passes
     opt = torch.optim.SGD(list(model.parameters()) + list(obj.parameters()), lr=0.1)
     g = torch.Generator().manual_seed(6)
     flushed_any = False

@@ -109,13 +109,15 @@ def cast_teacher_once(teacher: nn.Module, data: DeviceData, device: torch.device
 # ------------------------------------------------------------------------------------------------
 class TeacherTask:
     """A teacher and its objective: the objective's terms from the teacher's outputs for view 0
-    and for each extra view the objective asks for."""
+    and for each extra view the objective asks to have forwarded (``forward_views``, by default
+    all its ``views``; an objective that only queues a view's images lists fewer)."""
 
     plans_epochs = False  # nothing to plan ahead
 
     def __init__(self, model: nn.Module, objective: nn.Module):
         self.model, self.objective = model, objective
         self.views = tuple(objective.views)
+        self.forward_views = tuple(getattr(objective, "forward_views", self.views))
         # What the step calls; :meth:`distribute` replaces these with per-rank wrappers while
         # modules(), checkpoints and evaluation keep the plain modules.
         self.step_model, self.step_objective = model, objective
@@ -137,7 +139,7 @@ class TeacherTask:
 
     def loss_terms(self, batch):
         out = self.step_model(batch.x)
-        extra = {v: self.step_model(batch.views[v]) for v in self.views}
+        extra = {v: self.step_model(batch.views[v]) for v in self.forward_views}
         return self.step_objective(out, batch, extra, self.step_model), out.logits
 
     def eval_model(self):

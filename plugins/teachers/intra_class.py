@@ -13,42 +13,74 @@ occurs once in the batch contributes nothing (its "loss" would be −log 1 = 0 a
 dilute the mean). If no anchor has a negative the term is an exact 0 that is still connected
 to the graph, so ``backward`` works and the number of reported terms never changes.
 
-Embedding f (``embedding``):
-  * ``"pooled"`` (default) — the L2-normalised pooled penultimate feature. This is the one that
-    matches the paper: Eq. 4 writes f(x) loosely, but the analysis of the same loss (Sec. 4.1)
-    takes an embedding φ: X → R^d with d > c and assumes ‖φ(x)‖₂ = 1, so s ∈ [−1, 1] and, with
-    τ = 1, exp(s) is exactly the quantity of Eq. 4 and of Theorems 1–2 (d_intra, d_inter). The
-    logits have d = c, and an unnormalised feature makes exp(s) unbounded.
-  * ``"logits"`` — the L2-normalised logits (an ablation: contrast directly in class space).
+Representation f (``embedding``), with the range of s = f(x)ᵀf(x'):
+  * ``"logits"`` (default) — the teacher's logits, unnormalised: Eq. 4 as printed. In the paper f
+    is the classifier (Sec. 3.1, "each f ∈ F is a classifier"; Algorithm 1, line 4,
+    p_t = Softmax(f_θ(x))), so this is the literal reading, and the term shapes exactly the
+    vector the soft labels are made of. s ∈ ℝ, unbounded (it grows with the logits' norm); the
+    loss is computed stably as logsumexp({s⁺} ∪ {s⁻}) − s⁺ in float32, which cannot overflow.
+  * ``"logits_normalized"`` — the L2-normalised logits: s ∈ [−1, 1] (the cosine in class space).
+  * ``"pooled_normalized"`` — the L2-normalised pooled penultimate feature, the φ of Sec. 4.1
+    (‖φ‖₂ = 1, d > c), which the paper introduces "for the convenience of the theoretical
+    analysis", not as the trained f. Every zoo model's pooled feature comes after a ReLU (all
+    entries ≥ 0), so s ∈ [0, 1], not [−1, 1]: the equality case of Theorem 2's bounds
+    (s⁻ = −1) cannot be reached. (A model whose pooled feature can be negative gives [−1, 1].)
   * ``"projection"`` — a SimCLR-style head Linear(D, D)–ReLU–Linear(D, 128) on the pooled
-    feature, L2-normalised; the head's parameters join the teacher's optimizer. Not in the paper.
+    feature, L2-normalised: s ∈ [−1, 1]; the head's parameters join the teacher's optimizer. Not
+    in the paper.
+  ``"pooled"`` still works, with a FutureWarning: it is the old name of ``"pooled_normalized"``.
+  (Until issue 15 ``"logits"`` meant the normalised logits, now ``"logits_normalized"``, and the
+  default was ``"pooled"``; README, "Changes that gave some runs new ids".)
 ``temperature`` τ = 1 reproduces the paper's equation (no temperature appears there).
 
-Defaults: λ = 0.02 (the paper uses 0.01–0.03, Sec. 5.1), pooled embedding, τ = 1.
+Defaults: λ = 0.02 (the paper uses 0.01–0.03, Sec. 5.1), logits, τ = 1.
 Deviation/unspecified in the paper: which two views and which negatives per anchor are not
 spelled out beyond "its augmented view is the positive, other samples of the same class are
-negatives"; we use the symmetric two-view form above.
+negatives"; we use the symmetric two-view form above. The two views are two separate forwards
+in train mode (as any second view in the engine), so BatchNorm normalises each view with its
+own statistics (both views hold every class of the batch) and updates its running statistics
+once per view.
 
 The core, :func:`tuple_loss_terms`, is shared with ``margin_intra`` (one implementation of
 Eq. 4); it takes the negative mask as an argument so the same code path gives the inter-class
 (n+1)-tuple loss of Eq. 1 / Eq. 8 when handed other-class negatives.
+
+Diagnostics: :meth:`IntraClass.representation` is the f above, so a finished teacher's record
+holds Section 4's quantities (L_Intra, L_Inter, d_intra, d_inter, Theorem 1) for it as well as
+for the normalised pooled feature (:mod:`kdbench.diagnostics`).
 
 Precision: the logits of CE, the embeddings (after the projection head, which may run in bf16
 under autocast) and the similarities are up-cast to fp32 before the loss, autocast off.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from kdbench.api import ModelOutput, Params, TeacherObjective, hookimpl
 from kdbench_plugins.teachers.ce import fp32_cross_entropy
 
-Embedding = Literal["pooled", "logits", "projection"]
+Embedding = Literal["logits", "logits_normalized", "pooled_normalized", "projection"]
+# Old value names -> new ones (accepted with a FutureWarning naming the new one).
+RENAMED_EMBEDDINGS = {"pooled": "pooled_normalized"}
+EMBEDDING_HELP = ("f in s = f(x)ᵀf(x'): unnormalised logits (Eq. 4 as printed, s ∈ ℝ), "
+                  "logits_normalized (s ∈ [−1, 1]), pooled_normalized (Sec. 4.1's φ; after a "
+                  "ReLU, s ∈ [0, 1]) or projection (a 2-layer head to 128, normalised, s ∈ [−1, 1])")
+
+
+def renamed_embedding(value):
+    """``embedding``'s validator: an old value name still works, with a FutureWarning."""
+    if isinstance(value, str) and value in RENAMED_EMBEDDINGS:
+        new = RENAMED_EMBEDDINGS[value]
+        warnings.warn(f'embedding = "{value}" is deprecated: it is now called "{new}" '
+                      f'(use embedding = "{new}")', FutureWarning, stacklevel=2)
+        return new
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +152,8 @@ def intra_class_loss(z1: Tensor, z2: Tensor, labels: Tensor, temperature: float 
 # Embedding f
 # --------------------------------------------------------------------------------------------
 class Embedder(nn.Module):
-    """f(x) for the chosen ``embedding``, L2-normalised, float32."""
+    """f(x) for the chosen ``embedding`` (see the module docstring), float32; normalised except
+    for ``"logits"``."""
 
     def __init__(self, kind: str, model_out: ModelOutput, proj_dim: int = 128):
         super().__init__()
@@ -132,14 +165,15 @@ class Embedder(nn.Module):
             self.head = None
 
     def forward(self, out: ModelOutput) -> Tensor:
-        if self.kind == "logits":
+        if self.kind in ("logits", "logits_normalized"):
             z = out.logits
-        elif self.kind == "pooled":
+        elif self.kind == "pooled_normalized":
             z = out.pooled
         else:
             z = self.head(out.pooled)
         with _no_autocast(z.device):
-            return F.normalize(z.float().flatten(1), dim=1)
+            z = z.float().flatten(1)
+            return z if self.kind == "logits" else F.normalize(z, dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,9 +182,10 @@ class Embedder(nn.Module):
 class IntraClassParams(Params):
     lambda_: float = Field(0.02, alias="lambda", ge=0,
                            description="weight λ of L_Intra (paper: 0.01–0.03)")
-    embedding: Embedding = Field("pooled", description="f: normalised pooled feature (paper), "
-                                 "normalised logits, or a 2-layer projection head to 128")
+    embedding: Embedding = Field("logits", description=EMBEDDING_HELP)
     temperature: float = Field(1.0, gt=0, description="τ in exp(s/τ); 1 = the paper's Eq. 4")
+
+    _renamed = field_validator("embedding", mode="before")(renamed_embedding)
 
 
 class IntraClass(TeacherObjective):
@@ -161,6 +196,7 @@ class IntraClass(TeacherObjective):
         self.lam = float(params.lambda_)
         self.temperature = float(params.temperature)
         self.embed = Embedder(params.embedding, setup.model_out)
+        self.representation_name = params.embedding
         # Per-epoch statistics, on the device, read only in epoch_stats().
         self.register_buffer("_stat_loss", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_stat_valid", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -177,6 +213,10 @@ class IntraClass(TeacherObjective):
             self._stat_valid += valid.sum().double()
             self._stat_anchors += valid.numel()
         return {"ce": ce, "intra": self.lam * intra}
+
+    def representation(self, out: ModelOutput) -> Tensor:
+        """The f(x) this objective trains (for the teacher diagnostics)."""
+        return self.embed(out)
 
     def epoch_stats(self):
         loss, valid, anchors = torch.stack(

@@ -26,12 +26,39 @@ intra-class loss and then clear the pipeline"). With P = ``pipeline_size``:
     batches). The leftover (< P samples) stays cached for later steps; nothing is dropped.
   * Each flushed group is its own contrastive set: anchors = its P samples × 2 views, positive =
     the other view, negatives = the other 2P − 2 images of the group. All groups flushed in a
-    step are re-encoded in ONE ``encode`` call (one BatchNorm batch; see caveats).
+    step are re-encoded in ONE ``encode`` call.
   * L_Intra = mean over all flushed anchors of the step; an exact, graph-connected 0 when nothing
     flushes.
+  * One forward per image per step: the second view's images are only queued, never run through
+    the teacher at their own step (``forward_views = ()``: the engine forwards view 0 alone);
+    they are encoded once, when their group flushes.
   * ``pipeline_size = 0`` disables the cache: the gate is applied within the batch using the live
-    embeddings of both views, with the same membership rule (anchors and negatives = passing
-    samples of the same class in the batch). Useful as an ablation of the pipeline.
+    embeddings of both views (the second view is forwarded then), with the same membership rule
+    (anchors and negatives = passing samples of the same class in the batch). Useful as an
+    ablation of the pipeline.
+
+BatchNorm in the re-encoding pass (why running statistics). The teacher trains in train mode, in
+which BatchNorm normalises a forward's images with *that forward's* batch statistics and moves
+its running statistics towards them. A flushed group is typically one class (P samples × 2 views,
+e.g. 32 images of one class): normalised with its own statistics, every layer would subtract the
+class's own mean and divide by its own spread — removing the very intra-class structure the loss
+measures — and each flush would pull the running statistics (those of the evaluated teacher and
+of the soft labels the students learn from) towards a single class. So the re-encoding forward
+runs every BatchNorm layer of the teacher in eval mode: normalised with the running statistics
+(the whole training distribution's, as at test time) and leaving them, and
+``num_batches_tracked``, unchanged. Consequences, which the tests check:
+  * After a step, the running statistics are exactly those of the same step with nothing
+    flushed: they move once per step, with view 0 (the step's mixed-class batch), as a CE
+    teacher's do.
+  * A flushed image's embedding is the teacher's eval-mode output for it (current weights);
+    gradient flows through BatchNorm's affine parameters, not through batch statistics.
+  * The price: the running statistics lag the weights by ~1/momentum steps (10 with PyTorch's
+    0.1); the gate lets samples in only once the teacher classifies them confidently, by which
+    time the statistics track the weights closely. Other layers (e.g. dropout) keep train mode.
+The alternative — one forward of view 0 and the flushed images together — would still update
+the running statistics with a batch that is up to two thirds flushed groups of a few classes, and
+would change the CE term's normalisation whenever something flushes; running statistics keep the
+CE path identical to a CE teacher's step.
 
 Defaults (the paper gives neither δ nor the pipeline length):
   * δ = 0.5. Eq. 6 gives ρ ∈ [−1, 1]; ρ > 0 ⇔ correctly classified; ρ > 0.5 means the sample is
@@ -42,36 +69,40 @@ Defaults (the paper gives neither δ nor the pipeline length):
   * P = 16: with the paper's batch of 256, a CIFAR-100 class contributes ≈ 2.6 samples a step
     (Tiny-ImageNet ≈ 1.3), too few negatives (the problem Sec. 3.3 describes); 16 cached samples
     give every anchor 30 same-class negatives, and a class fills in roughly 6–25 steps.
-Other defaults as ``intra_class``: λ = 0.02, pooled L2-normalised embedding, τ = 1.
+Other defaults and the representation f (``embedding``, default the unnormalised logits, as
+Algorithm 1; the range of s for each choice) as ``intra_class``: λ = 0.02, τ = 1.
 
 Caveats / costs:
   * One host synchronisation per step: deciding whether anything flushes (and gathering a
     dynamically sized set of flushed samples) needs the count on the host. All other bookkeeping
     (ranks, slots, counts, statistics) stays on the device.
   * Re-encoding costs one extra forward+backward of 2 × (flushed samples) images per step; at a
-    high pass rate that is about as many images as the step's own two views.
-  * The teacher is in train mode, so the re-encoding forward uses the BatchNorm statistics of the
-    flush batch (the flushing classes only) and also updates the running statistics with it.
-  * The engine runs the teacher on the second view every step (needed for its images); in
-    pipeline mode that output itself is unused.
+    high pass rate that is about as many images as the step's own two views. A sample that
+    passes and flushes at the same step has its view 0 run twice that step: once in train mode
+    (CE, the gate) and once in the flushed group (eval-mode BatchNorm, as its group).
 
 Precision: as ``intra_class`` (CE, gate softmax, embeddings and similarities in fp32, autocast
 off); the queue holds float32 images.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from kdbench.api import Params, TeacherObjective, hookimpl
+from kdbench.api import ModelOutput, Params, TeacherObjective, hookimpl
 from kdbench_plugins.teachers.ce import fp32_cross_entropy
 from kdbench_plugins.teachers.intra_class import (
+    EMBEDDING_HELP,
     Embedder,
     Embedding,
     intra_class_loss_terms,
     masked_mean,
+    renamed_embedding,
 )
 
 
@@ -81,9 +112,10 @@ class MarginIntraParams(Params):
     delta: float = Field(0.5, ge=-1, lt=1, description="margin threshold δ: anchors need ρ > δ")
     pipeline_size: int = Field(16, ge=0, description="per-class samples cached before L_Intra "
                                "is computed (0 = no cache, gate within the batch)")
-    embedding: Embedding = Field("pooled", description="f: normalised pooled feature (paper), "
-                                 "normalised logits, or a 2-layer projection head to 128")
+    embedding: Embedding = Field("logits", description=EMBEDDING_HELP)
     temperature: float = Field(1.0, gt=0, description="τ in exp(s/τ); 1 = the paper's Eq. 4")
+
+    _renamed = field_validator("embedding", mode="before")(renamed_embedding)
 
     @field_validator("pipeline_size")
     @classmethod
@@ -111,6 +143,22 @@ def _true_indices(mask: Tensor, count: int) -> Tensor:
     return out[:count]
 
 
+@contextlib.contextmanager
+def batchnorm_running_stats(model: nn.Module):
+    """Inside: every BatchNorm layer of ``model`` normalises with its running statistics and
+    leaves them (and ``num_batches_tracked``) unchanged, as in eval mode; the rest of the model
+    keeps its mode. The layers are looked up at entry, so BatchNorms converted later (DDP's
+    SyncBatchNorm, in place) are the ones switched."""
+    switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+    for m in switched:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.train(True)
+
+
 def _input_channels(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -129,6 +177,13 @@ class MarginIntra(TeacherObjective):
         self.temperature = float(params.temperature)
         self.num_classes = int(setup.num_classes)
         self.embed = Embedder(params.embedding, setup.model_out)
+        self.representation_name = params.embedding
+        # Pipeline mode reads the second view's images only (they are queued): the engine
+        # forwards view 0 alone. Without the cache the second view's outputs are the positives.
+        self.forward_views = () if self.size else ("second",)
+        # The teacher, not registered as a submodule (it is not the objective's state): its
+        # BatchNorm layers run on running statistics while a flushed group is re-encoded.
+        object.__setattr__(self, "_teacher", setup.model)
         if self.size:
             c, s = _input_channels(setup.model), int(setup.image_size)
             self.register_buffer("queue", torch.zeros(self.num_classes, self.size, 2, c, s, s))
@@ -210,9 +265,14 @@ class MarginIntra(TeacherObjective):
         if m == 0:
             return None, None, flushes
         imgs = images.to(batch.x.dtype)
-        z = self.embed(encode(torch.cat([imgs[:, 0], imgs[:, 1]])))
+        with batchnorm_running_stats(self._teacher):  # see "BatchNorm" in the module docstring
+            z = self.embed(encode(torch.cat([imgs[:, 0], imgs[:, 1]])))
         loss, valid = intra_class_loss_terms(z[:m], z[m:], group, self.temperature)
         return loss, valid, flushes
+
+    def representation(self, out: ModelOutput) -> Tensor:
+        """The f(x) this objective trains (for the teacher diagnostics)."""
+        return self.embed(out)
 
     # ----------------------------------------------------------------------------------------
     def epoch_stats(self):
