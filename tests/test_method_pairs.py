@@ -1,6 +1,8 @@
 """Every student method on every paper teacher -> student pair, through the real registry and the
 engine's own pieces (build_model and kdbench.engine.tasks.build_student_task, as a student run builds
-it, StudentTask, DeviceData.train_batches, make_optimizer, autocast): one training step each.
+it, StudentTask, DeviceData.train_batches, make_optimizer, autocast): one training step each, of
+the set ce + kd + the method (every method combined with KD), and for a method with an
+initialisation stage (AB, FT, FSP) one step of that stage too (kdbench.engine.tasks.InitTask).
 
 Models are thin copies (``width_mult`` 0.125-0.25: same depth, stages and feature protocol as the
 published nets) so the whole file stays fast on a CPU. Only the kdbench distribution's plugins
@@ -23,7 +25,7 @@ from kdbench.data.loader import DeviceData
 from kdbench.engine.loop import autocast, make_optimizer
 from kdbench.engine import tasks
 from kdbench.engine.reproducibility import data_generator
-from kdbench.engine.tasks import StudentTask, build_model
+from kdbench.engine.tasks import InitTask, StudentTask, build_model
 from kdbench.recipe import Schedule
 from conftest import builtin_registry
 
@@ -67,11 +69,16 @@ TERMS = {
              "mlld_instance_strong", "mlld_ce_strong"},
     "at": {"at"}, "sp": {"sp"}, "cc": {"cc"}, "pkt": {"pkt"}, "nst": {"nst"}, "kdsvd": {"kdsvd"},
     "dkd": {"dkd_tckd", "dkd_nckd"}, "dist": {"dist_inter", "dist_intra"}, "ctkd": {"ctkd"},
+    # Two-stage methods: AB and FSP distil in their init stage only (no main-schedule term).
+    "ab": set(), "ft": {"ft"}, "fsp": set(),
 }
+# The terms of their initialisation stage.
+STAGE_TERMS = {"ab": {"ab"}, "ft": {"ft_rec"}, "fsp": {"fsp"}}
 # KDSVD compares singular vectors channel by channel: it refuses a pair whose matched stages
 # differ in channels (as its reference breaks on them), with a clear error.
-REFUSES = {"kdsvd": {("resnet50", "resnet34"), ("resnet50", "mobilenetv2"), ("vgg13", "mobilenetv2"),
-                     ("wrn_40_2", "shufflenetv2")}}
+UNEQUAL_CHANNELS = {("resnet50", "resnet34"), ("resnet50", "mobilenetv2"), ("vgg13", "mobilenetv2"),
+                    ("wrn_40_2", "shufflenetv2")}
+REFUSES = {"kdsvd": UNEQUAL_CHANNELS, "fsp": UNEQUAL_CHANNELS}  # FSP: the same, its matrices
 
 
 # Collected from the registry itself, so a newly registered method is tested automatically.
@@ -112,11 +119,13 @@ def build_student_task(registry, student_spec: dict, teacher, method_specs: list
 
 
 def method_specs(registry, names: list[str]) -> list[dict]:
-    """ce at 0.1 (the Hinton-KD convention) + each method at its card's default weight."""
+    """ce at 0.1 (the Hinton-KD convention) + each method at its card's default weight; an init
+    stage of one epoch (what the engine would run first)."""
     specs = [{"name": "ce", "weight": 0.1, "params": {}}]
     for n in names:
-        weight = registry.find("student_method", n).factory.default_weight
-        specs.append({"name": n, "weight": weight, "params": {}})
+        plugin = registry.find("student_method", n)
+        params = {"init_epochs": 1} if "init_epochs" in plugin.params.model_fields else {}
+        specs.append({"name": n, "weight": plugin.factory.default_weight, "params": params})
     return specs
 
 
@@ -152,44 +161,55 @@ def test_method_pair_one_step(registry, method_name, teacher_name, student_name,
     train = tiny_data(size)
     teacher = build_teacher(registry, teacher_name, train)
     teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    names = list(dict.fromkeys(["kd", method_name]))  # every method combined with KD
     if (teacher_name, student_name) in REFUSES.get(method_name, ()):
         with pytest.raises(UserError, match="same channel count"):
             build_student_task(registry, model_spec(student_name), teacher,
-                               method_specs(registry, [method_name]), train, DEVICE)
+                               method_specs(registry, names), train, DEVICE)
         return
     task = build_student_task(registry, model_spec(student_name), teacher,
-                              method_specs(registry, [method_name]), train, DEVICE)
+                              method_specs(registry, names), train, DEVICE)
     student = task.student
-    _, weight, method = task.methods[1]
+    _, weight, method = task.methods[-1]
 
-    # What the optimizer gets: student + method, no teacher parameter, no duplicates.
+    # What the optimizer gets: student + methods, no teacher parameter, no duplicates.
     params = optimizer_params(task)
     ids = [id(p) for p in params]
     assert len(ids) == len(set(ids)), "a parameter is handed to the optimizer twice"
     teacher_ids = {id(p) for p in teacher.parameters()}
     assert not teacher_ids & set(ids), "a teacher parameter would be trained"
     student_ids = {id(p) for p in student.parameters()}
-    own = [(n, p) for n, p in method.named_parameters() if id(p) not in student_ids]
-    optimizer, _ = make_optimizer(params, Schedule(epochs=1, batch_size=BATCH, lr=0.01), DEVICE)
-
     batch = first_batch(task, train)
     assert set(batch.views) == set(method.views)
+
+    # The initialisation stage first, as the engine runs it.
+    stage = method.init_stage()
+    assert (stage is not None) == (method_name in STAGE_TERMS)
+    stage_ids = set() if stage is None else {id(p) for m in stage.modules for p in m.parameters()}
+    if stage is not None:
+        init_stage_step(InitTask(student, teacher, stage), method_name, batch, teacher_ids)
+    # Parameters of the stage's own modules may rest in the main schedule (AB's connectors, FT's
+    # paraphraser); every other parameter of the method must learn.
+    own = [(n, p) for n, p in method.named_parameters()
+           if id(p) not in student_ids and id(p) not in stage_ids]
+    optimizer, _ = make_optimizer(params, Schedule(epochs=1, batch_size=BATCH, lr=0.01), DEVICE)
     terms, logits, loss = step_terms(task, batch)
 
     assert logits.shape == (BATCH, NUM_CLASSES)
-    assert set(terms) == TERMS["ce"] | TERMS[method_name]
+    assert set(terms) == TERMS["ce"] | TERMS["kd"] | TERMS[method_name]
     for k, v in terms.items():
         assert v.dim() == 0 and math.isfinite(v.item()), (k, v)
     assert math.isfinite(loss.item())
 
-    # The method's own terms must reach the student (not only through the CE term).
-    method_loss = sum(terms[k] for k in TERMS[method_name])
-    assert method_loss.requires_grad, f"{method_name}'s terms do not depend on the student"
-    s_params = [p for p in student.parameters() if p.requires_grad]
-    g = torch.autograd.grad(method_loss, s_params, retain_graph=True, allow_unused=True)
-    assert any(x is not None and x.abs().sum() > 0 for x in g), \
-        f"{method_name} gives the student no gradient"
-    assert all(x is None or torch.isfinite(x).all() for x in g)
+    # The method's own terms must reach the student (not only through the CE and KD terms).
+    if TERMS[method_name]:
+        method_loss = sum(terms[k] for k in TERMS[method_name])
+        assert method_loss.requires_grad, f"{method_name}'s terms do not depend on the student"
+        s_params = [p for p in student.parameters() if p.requires_grad]
+        g = torch.autograd.grad(method_loss, s_params, retain_graph=True, allow_unused=True)
+        assert any(x is not None and x.abs().sum() > 0 for x in g), \
+            f"{method_name} gives the student no gradient"
+        assert all(x is None or torch.isfinite(x).all() for x in g)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -207,6 +227,35 @@ def test_method_pair_one_step(registry, method_name, teacher_name, student_name,
     assert any(not torch.equal(b, p) for b, p in zip(before, params)), "SGD step changed nothing"
     for n, p in teacher.named_parameters():
         assert torch.equal(p, teacher_before[n]), f"teacher parameter {n} changed"
+
+
+def init_stage_step(init: InitTask, method_name: str, batch, teacher_ids: set[int]) -> None:
+    """One SGD step of a method's initialisation stage: its terms finite, gradient on its
+    modules (never the teacher), and a parameter without gradient left as it was."""
+    params = [p for m in init.modules() for p in m.parameters() if p.requires_grad]
+    assert params and len({id(p) for p in params}) == len(params)
+    assert not teacher_ids & {id(p) for p in params}, "the init stage would train the teacher"
+    lr = init.stage.lr if init.stage.lr is not None else 0.01
+    optimizer, _ = make_optimizer(params, Schedule(epochs=1, batch_size=BATCH, lr=lr), DEVICE)
+    for m in init.modules():
+        m.train()
+    with autocast(DEVICE, PRECISION):
+        terms, _ = init.loss_terms(batch)
+        loss = sum(terms.values())
+    assert set(terms) == STAGE_TERMS[method_name]
+    assert all(v.dim() == 0 and math.isfinite(v.item()) for v in terms.values()), terms
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is None for p in init.teacher.parameters()), "gradient reached the teacher"
+    learning = [p for p in params if p.grad is not None]
+    assert learning and all(torch.isfinite(p.grad).all() for p in learning)
+    assert any(p.grad.abs().sum() > 0 for p in learning), f"{method_name}'s stage gives no gradient"
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    for b, p in zip(before, params):
+        if p.grad is None:
+            assert torch.equal(b, p), "the stage changed a parameter it gives no gradient"
+    assert any(not torch.equal(b, p) for b, p in zip(before, params)), "the stage's step changed nothing"
 
 
 # ------------------------------------------------------------------------------ combinations

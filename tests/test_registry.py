@@ -32,7 +32,7 @@ BUILTIN = {
     "dataset": {"synthetic", "cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "mnist", "kmnist"},
     "teacher_objective": {"ce", "intra_class", "margin_intra"},
     "student_method": {"ce", "kd", "fitnet", "rkd", "crd", "ofd", "reviewkd", "vid", "mlld", "at", "sp",
-                       "cc", "pkt", "nst", "kdsvd", "dkd", "dist", "ctkd"},
+                       "cc", "pkt", "nst", "kdsvd", "dkd", "dist", "ctkd", "ab", "ft", "fsp"},
     "view": {"second", "strong"},
 }
 
