@@ -96,3 +96,68 @@ def test_diagnostics_known_geometry():
     assert stats["d_inter"] == pytest.approx(1 / math.e)
     assert stats["cos_intra"] == pytest.approx(1.0) and stats["cos_inter"] == pytest.approx(-1.0)
     assert stats["top1"] == pytest.approx(100.0)  # logits (10, 0) / (-10, 0): both classes right
+
+
+def lse(values):
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def brute_force_section4(anchors, positives, y):
+    """Eq. 8's L_intra / L_inter per anchor (positive = the flipped image, negatives = every other
+    sample of its class / every sample of another class), d in log space, Theorem 1: loops."""
+    a, p = anchors.astype(np.float64), positives.astype(np.float64)
+    n = len(y)
+    li, le, ks, same_s, other_s = [], [], [], [], []
+    for i in range(n):
+        sp = float(a[i] @ p[i])
+        same = [float(a[i] @ a[j]) for j in range(n) if j != i and y[j] == y[i]]
+        other = [float(a[i] @ a[j]) for j in range(n) if y[j] != y[i]]
+        same_s += same
+        other_s += other
+        li.append(lse([sp] + same) - sp)
+        le.append(lse([sp] + other) - sp)
+        ks.append(len(other) / len(same))
+    out = {"L_intra": np.mean(li), "L_inter": np.mean(le), "theorem1_K": np.mean(ks),
+           "log_d_intra": lse(same_s) - math.log(len(same_s)),
+           "log_d_inter": lse(other_s) - math.log(len(other_s))}
+    out["L_intra_over_inter"] = out["L_intra"] / out["L_inter"]
+    out["log_d_intra_over_inter"] = out["log_d_intra"] - out["log_d_inter"]
+    out["log_theorem1_rhs"] = math.log(out["theorem1_K"]) + out["L_intra"] - out["L_inter"]
+    try:
+        out["theorem1_rhs_eq12"] = (out["theorem1_K"] * math.expm1(out["L_intra"])
+                                    / math.expm1(out["L_inter"]))
+    except OverflowError:  # e^L beyond float range (unnormalised logits): not compared
+        pass
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1024, 3])
+def test_section4_losses_and_theorem1_match_loops(chunk_size):
+    """Pooled φ and a 'trained' representation of unnormalised logits (large: exp(s) overflows),
+    against Python loops; the positive is the horizontally flipped image."""
+    torch.manual_seed(4)
+    model = TinyNet()
+    model.eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(14, 3, 6, 6, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    scale = 400.0  # logits × 400: s ~ 1e4..1e5
+    rep = lambda out: out.logits * scale  # noqa: E731
+    stats = teacher_diagnostics(model, [(x[:8], y[:8]), (x[8:], y[8:])], chunk_size=chunk_size,
+                                representation=rep, representation_name="logits×400")
+    with torch.no_grad():
+        out, flipped = model(x), model(x.flip(-1))
+    norm = lambda t: (t / t.norm(dim=1, keepdim=True)).numpy()  # noqa: E731
+    for got, anchors, positives in ((stats, norm(out.pooled), norm(flipped.pooled)),
+                                    (stats["trained"], rep(out).numpy(), rep(flipped).numpy())):
+        want = brute_force_section4(anchors, positives, y.tolist())
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+        assert all(math.isfinite(got[k]) for k in want)
+    assert stats["trained"]["embedding"] == "logits×400"
+    assert math.isinf(stats["trained"]["d_intra"])  # exp overflows; the log-space value does not
+    # pooled φ: d, the theorem's right-hand side and the log values agree
+    assert stats["d_intra_over_inter"] == pytest.approx(math.exp(stats["log_d_intra_over_inter"]))
+    assert stats["theorem1_rhs"] == pytest.approx(math.exp(stats["log_theorem1_rhs"]))
+    assert stats["theorem1_K"] == pytest.approx((14 - 4) / 3 * (8 / 14) + (14 - 3) / 2 * (6 / 14))

@@ -156,7 +156,7 @@ class RunTrainer:
         task = self.teacher_task(spec)
         result = self._fit(task, spec, checkpointer)
         return self._finished_teacher(spec, task.model, epochs=result.epochs, final=result.final,
-                                      best=result.best)
+                                      best=result.best, objective=task.objective)
 
     def _published_teacher(self, spec) -> dict:
         """A teacher loaded from a checkpoint file: nothing is trained; its accuracy is measured
@@ -173,8 +173,11 @@ class RunTrainer:
         record["published"] = checkpoint_metadata(path)
         return record
 
-    def _finished_teacher(self, spec, model: nn.Module, **results) -> dict:
-        """Save a finished teacher's weights; its record, with the soft-label diagnostics."""
+    def _finished_teacher(self, spec, model: nn.Module, objective: nn.Module | None = None,
+                          **results) -> dict:
+        """Save a finished teacher's weights; its record, with the soft-label diagnostics (and
+        Section 4's pair statistics for the representation ``objective`` trained, if it names
+        one: ``objective.representation``)."""
         _, test = self.data()
         self.store.save_weights(spec.id, model.state_dict())
         record = self.base_record(spec, "done")
@@ -183,7 +186,9 @@ class RunTrainer:
         with autocast(self.device, self.recipe.precision):
             record["diagnostics"] = teacher_diagnostics(
                 model, test.eval_batches(self.recipe.eval_batch_size),
-                temperature=self.recipe.diagnostics_temperature)
+                temperature=self.recipe.diagnostics_temperature,
+                representation=getattr(objective, "representation", None),
+                representation_name=getattr(objective, "representation_name", None))
         return record
 
     def _init_stages(self, task: StudentTask, spec, checkpointer: Checkpointer) -> dict:

@@ -141,7 +141,8 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                           "status": t.get("status"), "where": _where(t, runs_dir),
                           "mtime": _mtime(t), **_metric_values(t), **_protocol_fields(t),
                           "checkpoint": "checkpoint" in (t.get("spec") or {}),
-                          "diagnostics": t.get("diagnostics") or {}})
+                          "diagnostics": t.get("diagnostics") or {},
+                          "objective_spec": (t.get("spec") or {}).get("objective") or {}})
     tdf = pd.DataFrame(trows)
     if len(tdf):
         tdf = _one_per_seed(tdf, ["group", "dataset", "row", "pair", "seed"], "row", notes)

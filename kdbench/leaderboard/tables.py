@@ -132,17 +132,28 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
     return out
 
 # Diagnostics shown in the teacher table (kdbench.diagnostics): accuracy, soft-label entropy and
-# non-target mass at the distillation temperature, and the Section 4.2 distances.
-DIAGNOSTICS = ("top1", "entropy_T", "nontarget_mass_T", "d_intra", "d_inter", "d_intra_over_inter")
+# non-target mass at the distillation temperature, Section 4's distances and losses and Theorem
+# 1's right-hand side for the normalised pooled feature φ, and ("f.", log space: f may be the
+# unnormalised logits) for the representation the objective trained.
+DIAGNOSTICS = ("top1", "entropy_T", "nontarget_mass_T", "d_intra", "d_inter", "d_intra_over_inter",
+               "L_intra", "L_inter", "L_intra_over_inter", "theorem1_rhs",
+               "f.log_d_intra_over_inter", "f.L_intra", "f.L_inter", "f.log_theorem1_rhs")
+
+
+def _flat_diagnostics(d: dict) -> dict:
+    """A record's diagnostics with the trained representation's under "f." keys."""
+    trained = d.get("trained") if isinstance(d.get("trained"), dict) else {}
+    return {**d, **{f"f.{k}": v for k, v in trained.items()}}
 
 
 def _diagnostics_table(tsub: pd.DataFrame) -> str:
     rows = []
     for (pair, obj), g in tsub.groupby(["pair", "objective"], sort=False):
-        diags = [d for d in g["diagnostics"] if d]
-        keys = [k for k in DIAGNOSTICS if diags and k in diags[0]]
+        diags = [_flat_diagnostics(d) for d in g["diagnostics"] if d]
+        keys = [k for k in DIAGNOSTICS if diags and all(k in d for d in diags)]
         vals = {k: sum(d[k] for d in diags) / len(diags) for k in keys}
-        rows.append((pair, obj, len(g), vals))
+        fs = sorted({str(d["f.embedding"]) for d in diags if "f.embedding" in d})
+        rows.append((pair, f"{obj} (f = {', '.join(fs)})" if fs else obj, len(g), vals))
     keys = [k for k in DIAGNOSTICS if any(k in v for *_, v in rows)]
     if not keys:
         return ""
@@ -150,4 +161,6 @@ def _diagnostics_table(tsub: pd.DataFrame) -> str:
     sep = "|---|---|---|" + "---|" * len(keys)
     body = [f"| {p} | {o} | {n} | " + " | ".join(f"{v.get(k, math.nan):.4g}" for k in keys) + " |"
             for p, o, n, v in rows]
-    return "\n".join(["Teacher diagnostics (test set, mean over teachers):", "", head, sep, *body])
+    return "\n".join(["Teacher diagnostics (test set, mean over teachers; φ = the normalised pooled "
+                      "feature, f. = the representation the objective trained, named beside the "
+                      "objective; kdbench.diagnostics):", "", head, sep, *body])

@@ -51,4 +51,7 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
                                       out_dir / "leaderboard.png"))
         except MissingMatplotlib as exc:
             print(f"kdbench leaderboard: {exc}", file=sys.stderr)
+    from kdbench.param_plot import write_sweeps  # sweeps.md/.png where a teacher parameter varies
+
+    written += write_sweeps(df, tdf, out_dir, plot=plot)
     return written
