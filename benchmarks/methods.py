@@ -7,7 +7,13 @@ as a run does (the registry, ``tasks.build_model`` + ``place_model``: channels_l
 ``DeviceData`` with the registry's views, ``make_optimizer``, ``train_step``; each method gets its
 own copy of the frozen teacher and its own student, optimizer and batch stream, identical
 across methods). Plain KD (``ce + kd``) is always measured in the same process and is the 1.00 of the
-ratios; ``ce`` (the student alone, no teacher forward) is listed for reference.
+ratios; ``ce`` (the student alone, no teacher forward) is listed for reference. A method with
+an initialisation stage (``StudentMethod.init_stage()``: AB, FT, FSP) gets a second row,
+``<method> [init stage]``: one step of that stage as the engine runs it
+(``kdbench.engine.tasks.InitTask``, SGD over the stage's modules, at lr 1e-9: the random-weight
+teacher's large last-stage maps make FT's reconstruction diverge within steps, and SGD does the
+same work at any lr). AB's and FSP's main-schedule
+rows are ``ce`` alone plus their (idle) modules: they distil only in their stage.
 
 What is measured
 * **step ms**: median wall time of one step as ``kdbench.engine.loop.fit`` runs it: drawing the
@@ -33,7 +39,8 @@ What is measured
     analogue of the CUDA number. Not included: oneDNN-internal scratch memory,
     Python objects, allocator slack (the process's RSS is not what is reported).
 * **extra params**: trainable parameters the method adds to the optimizer (connectors,
-  regressors, embeddings, ...) besides the student's. **extra buffers**: elements of the
+  regressors, embeddings, ...) besides the student's; for an init-stage row, those its stage
+  trains besides the student's. **extra buffers**: elements of the
   method's persistent state (e.g. CRD's two memory banks, which scale with the training set).
 
 The data set is ``--num-train`` random uint8 images (default 50000, CIFAR-100's training set
@@ -43,6 +50,8 @@ papers' width 0.5 times this factor).
 
 Example (a quick CPU run):
     python benchmarks/methods.py --device cpu --width-mult 0.5 --batch 32 --steps 3
+Reduced CPU mode (every method, seconds; what tests/test_benchmarks.py runs):
+    python benchmarks/methods.py --quick
 """
 from __future__ import annotations
 
@@ -59,6 +68,9 @@ PAIRS = {  # label -> (teacher, student)
     "ResNet50 -> MobileNetV2": ("resnet50", "mobilenetv2"),
 }
 ONLY_DISTS = "kdbench"
+INIT_SUFFIX = "[init stage]"  # the row of a method's initialisation stage
+QUICK = dict(device="cpu", steps=1, warmup=0, batch=4, width_mult=0.125, num_train=64,
+             pairs="WRN-40-2 -> WRN-16-2", threads=1)  # --quick: every method, seconds on a CPU
 
 
 # ------------------------------------------------------------------------------------- child
@@ -92,8 +104,9 @@ def run_child(cfg: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from kdbench.api import ImageData
+    from kdbench.api import ImageData, StudentMethod
     from kdbench.engine.loop import make_optimizer, train_step
+    from kdbench.engine.tasks import InitTask
     from kdbench.engine.reproducibility import data_generator, seed_everything
     from kdbench.recipe import Schedule
 
@@ -115,8 +128,9 @@ def run_child(cfg: dict) -> dict:
     seed_everything(0, deterministic=False)
     teacher0 = C.frozen_teacher(cfg["teacher"], cfg["width_mult"], train.num_classes, device)
 
-    def build(method_name, teacher):
-        """A run's student task up to fit: student, methods (builders), optimizer."""
+    def build(method_name, teacher, init_stage=False):
+        """A run's student task up to fit: student, methods (builders), optimizer; with
+        ``init_stage``, the method's initialisation stage as the engine runs it instead."""
         seed_everything(0, deterministic=False)
         student = C.build_net(cfg["student"], cfg["width_mult"], train.num_classes, device)
         methods = []
@@ -124,8 +138,14 @@ def run_child(cfg: dict) -> dict:
             plugin = registry.find("student_method", name)
             methods.append((name, 0.1 if name == "ce" else plugin.factory.default_weight, {}))
         task = C.student_task(student, teacher, train, device, methods, precision=cfg["precision"])
+        if init_stage:
+            # lr 0: the random teacher's large last-stage maps make FT's reconstruction diverge
+            # within a few steps at its lr 0.01; SGD does the same work at any lr.
+            task, lr = InitTask(task.student, task.teacher, task.methods[-1][2].init_stage()), 1e-9
+        else:
+            lr = 0.05
         optimizer, _ = make_optimizer(C.trained_params(task),
-                                      Schedule(epochs=1, batch_size=cfg["batch"], lr=0.05), device)
+                                      Schedule(epochs=1, batch_size=cfg["batch"], lr=lr), device)
         for m in task.modules():
             m.train()
         return task, optimizer
@@ -140,16 +160,27 @@ def run_child(cfg: dict) -> dict:
         loss, terms, _ = train_step(task, next(it), optimizer, device, cfg["precision"])
         return loss.detach(), terms
 
+    def has_stage(name):
+        """The method overrides StudentMethod.init_stage (the base declares no stage)."""
+        factory = registry.find("student_method", name).factory
+        return isinstance(factory, type) and factory.init_stage is not StudentMethod.init_stage
+
+    rows = []
+    for name in cfg["methods"]:
+        rows.append((name, name, False))
+        if has_stage(name):
+            rows.append((f"{name} {INIT_SUFFIX}", name, True))
+
     results, live = {}, {}
     # Phase 1, one method at a time: build it, two warm-up steps (gradients, momentum buffers,
     # cuDNN autotuning), then the peak over two more steps, above what was there before.
-    for name in cfg["methods"]:
+    for name, method_name, init_stage in rows:
         teacher = None if name == "ce" else copy.deepcopy(teacher0)  # OFD moves its BN stats
         try:
             if cuda:
                 sync()
                 base = torch.cuda.memory_allocated(device)
-                task, opt = build(name, teacher)
+                task, opt = build(method_name, teacher, init_stage)
                 it = batches(task.views)
                 for _ in range(2):
                     step(task, opt, it)
@@ -161,7 +192,7 @@ def run_child(cfg: dict) -> dict:
                 peak = torch.cuda.max_memory_allocated(device) - base
             else:
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    task, opt = build(name, teacher)
+                    task, opt = build(method_name, teacher, init_stage)
                     it = batches(task.views)
                     for _ in range(2):
                         step(task, opt, it)
@@ -175,7 +206,7 @@ def run_child(cfg: dict) -> dict:
             results[name] = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
             continue
         student_ids = {id(p) for p in task.student.parameters()}
-        methods = [m for _, _, m in task.methods]
+        methods = task.modules()[1:] if not init_stage else [m for m in task.modules() if m is not task.student]
         results[name] = {
             "peak_bytes": peak, "teacher_cast_once": bool(getattr(task, "teacher_cast_once", False)),
             "extra_params": sum(p.numel() for m in methods for p in m.parameters()
@@ -249,12 +280,18 @@ def main(argv=None) -> int:
                     help="as the recipe's: auto = bf16 autocast on CUDA, fp32 on the CPU")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="also write the raw results to this file")
+    ap.add_argument("--quick", action="store_true",
+                    help="reduced CPU mode (overrides the options above): "
+                    + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args._child is not None:
         print(json.dumps(run_child(json.loads(args._child))))
         return 0
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
 
     if args.steps < 1 or args.warmup < 0 or args.batch < 2:
         ap.error("need --steps >= 1, --warmup >= 0, --batch >= 2")
@@ -290,7 +327,7 @@ def main(argv=None) -> int:
             rows = out.get("results") or {m: {"error": out.get("error", "?")} for m in methods}
             meta[device] = out
             base = rows.get("kd", {})
-            for method in methods:
+            for method in rows:  # the child's order: each method, then its init stage's row
                 r = rows[method]
                 results.append(dict(device=device, pair=pair, method=method, **r,
                                     time_ratio=(r["step_s"] / base["step_s"]

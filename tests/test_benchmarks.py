@@ -78,3 +78,29 @@ def test_gpu_check_cpu_stand_in(tmp_path):
     # step.py names the layouts it ran.
     step = section(summary, "step")
     assert "channels_last nets + batches" in step and "contiguous nets + batches" in step
+
+
+@pytest.mark.slow
+def test_methods_benchmark_quick_mode_covers_every_method(tmp_path):
+    """benchmarks/methods.py --quick (CPU, tiny nets, one step): a row without error for every
+    registered student method, one more for each method with an initialisation stage, KD the
+    1.00 of the ratios. About 15 s of CPU (45 s wall on the shared 2-core machine)."""
+    import json
+
+    from kdbench.registry import load_registry
+
+    out = tmp_path / "methods.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--quick", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    registry = load_registry()
+    names = set(registry.names("student_method"))
+    staged = {n for n in names if registry.find("student_method", n).factory.init_stage
+              is not registry.find("student_method", "kd").factory.init_stage}
+    assert staged == {"ab", "ft", "fsp"}
+    assert set(rows) == names | {f"{n} [init stage]" for n in staged}
+    assert not [m for m, r in rows.items() if "error" in r]
+    assert rows["kd"]["time_ratio"] == 1.0 and rows["kd"]["mem_ratio"] == 1.0
+    assert rows["ft"]["extra_params"] > rows["ft [init stage]"]["extra_params"] > 0  # translator + paraphraser / paraphraser
+    assert "| ft [init stage] |" in proc.stdout
