@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                      help="slurm launcher: a submitit executor parameter (e.g. slurm_partition=gpu, "
                           "timeout_min=240, gpus_per_node=1); repeatable")
+    run.add_argument("--tracker", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                     help="also send every run's per-epoch metrics to this experiment tracker "
+                          "(e.g. tensorboard, tensorboard:log_dir=tb; `kdbench list` shows them); "
+                          "repeatable; the runs and their ids do not change")
     run.add_argument("--run-id", action="append", metavar="ID",
                      help="train only this run of the grid (a t-/s- id from --dry-run); repeatable")
     run.set_defaults(func=cmd_run)
@@ -122,6 +126,10 @@ def cmd_run(args) -> int:
     if args.checkpoint_every is not None and args.checkpoint_every <= 0:
         raise UserError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
     registry, loaded = _load(args.recipe, check_device=args.device is None)
+    if args.tracker:
+        from kdbench.trackers import enable
+
+        enable(registry, args.tracker)
     if args.output:
         loaded.recipe = loaded.recipe.model_copy(update={"output": str(args.output)})
     if args.dry_run:

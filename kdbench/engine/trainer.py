@@ -23,6 +23,7 @@ from kdbench.engine.loop import Evaluation, autocast, evaluate, fit
 from kdbench.engine.reproducibility import data_generator, seed_everything, weights_sha256
 from kdbench.engine.tasks import (InitTask, StudentTask, TeacherTask, build_model, build_student_task,
                                   build_teacher_task, place_model)
+from kdbench.trackers import Trackers
 
 
 @dataclass
@@ -92,6 +93,9 @@ class RunTrainer:
         self.logit_cache = LogitCacheKeeper(device, self.recipe.precision)
         self._data: GridData | None = data
         self.resumed_from: dict | None = None  # where the last fit() resumed (for trained_by)
+        # Experiment trackers (kdbench run --tracker): none unless asked for.
+        self.trackers = Trackers(registry, loaded.output_dir, lambda text: self.progress.log(text))
+        self._tracked = None  # the current run's tracker session
 
     # ------------------------------------------------------------------ data and models
     def grid_data(self) -> GridData:
@@ -134,11 +138,17 @@ class RunTrainer:
 
     # ------------------------------------------------------------------ training
     def train(self, spec, checkpointer: Checkpointer) -> dict:
-        """Train ``spec`` (resuming from ``checkpointer``); its finished record."""
+        """Train ``spec`` (resuming from ``checkpointer``); its finished record. The trackers
+        see its start, each epoch (fit's on_epoch) and its end."""
         self.resumed_from = None
-        if spec.kind == "teacher":
-            return self._published_teacher(spec) if "checkpoint" in spec.spec else self._train_teacher(spec, checkpointer)
-        return self._train_student(spec, checkpointer)
+        with self.trackers.run(spec, self.store.run_dir(spec.kind, spec.id)) as self._tracked:
+            if spec.kind == "teacher":
+                record = (self._published_teacher(spec) if "checkpoint" in spec.spec
+                          else self._train_teacher(spec, checkpointer))
+            else:
+                record = self._train_student(spec, checkpointer)
+            self._tracked.done(record)
+        return record
 
     def _fit(self, task, spec, checkpointer: Checkpointer):
         from kdbench.recipe import Schedule
@@ -147,7 +157,8 @@ class RunTrainer:
         result = fit(self.wrap_task(task), Schedule(**spec.spec["schedule"]), data.train, data.test,
                      self.device, self.recipe.precision, data_generator(spec.spec["seed"], self.device),
                      self.progress, self.recipe.eval_batch_size, checkpointer=checkpointer,
-                     stop_requested=self.stop_requested, evaluation=data.evaluation)
+                     stop_requested=self.stop_requested, evaluation=data.evaluation,
+                     on_epoch=self._tracked.on_epoch if self._tracked else None)
         self.resumed_from = result.resumed_from
         return result
 

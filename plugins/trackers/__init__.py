@@ -1,0 +1,1 @@
+"""Built-in experiment trackers (kdbench.trackers): one plugin per file."""
