@@ -58,6 +58,10 @@ class RunRecorder:
                            "launcher": os.environ.get("KDBENCH_LAUNCHER", "inline")}
         if self.world_size > 1:
             self.trained_by["world_size"] = self.world_size
+        if self.trained_by["launcher"] == "slurm":  # Slurm's restart count, every attempt's job
+            from kdbench.launchers.slurm import attempt_info
+
+            self.trained_by.update(attempt_info(prev.get("trained_by"), self.trained_by["attempt"]))
         t0 = time.perf_counter()
         try:
             record = train(checkpointer)

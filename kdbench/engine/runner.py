@@ -105,7 +105,9 @@ class GridRunner:
     def run(self) -> Summary:
         summary = Summary()
         self.queue.take_snapshot(self.teachers + self.students)
-        summary.skipped += [s.id for s in self.students if self._done(s)]
+        # Done before: the grid's students, or with --run-id only the runs asked for.
+        summary.skipped += [s.id for s in (self.students if self.only is None else self.teachers + self.students)
+                            if (self.only is None or s.id in self.only) and self._done(s)]
         todo = self.todo()
         self.progress.grid(len(todo))
         if not todo:

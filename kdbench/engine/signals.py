@@ -1,5 +1,19 @@
 """Stop signals: a run stopped by one finishes its step, writes a checkpoint and is recorded as
-``interrupted``; the same command resumes it."""
+``interrupted``; the same command resumes it.
+
+SIGUSR1 and SIGUSR2 are the warnings a scheduler sends before a time limit or a preemption
+(submitit asks Slurm for USR2, many sites use USR1), SIGTERM its last word, SIGINT a Ctrl-C.
+
+Under the slurm launcher (``KDBENCH_LAUNCHER=slurm``), Slurm sends its signal to every process of
+the job step and the job's script passes signals on as well, so one warning can arrive two or
+three times: there a repeated signal does not stop the run at once (Slurm's own SIGKILL, after
+its KillWait, is the hard stop). Elsewhere a second signal stops at once.
+
+The job's task starts the run with these signals blocked (:mod:`kdbench.launchers.slurm`), so
+that one arriving while Python and torch load is held, not fatal: entering :class:`StopSignals`
+installs the handlers and then unblocks them, and a signal held since then is handled at once
+(the run stops before its first step).
+"""
 from __future__ import annotations
 
 import os
@@ -7,36 +21,51 @@ import signal
 import sys
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+LAUNCHER_ENV = "KDBENCH_LAUNCHER"  # (kdbench.launchers.LAUNCHER_ENV; not imported: keep this light)
 
 
 class StopSignals:
-    """While active, SIGTERM/SIGINT/SIGUSR1 only set ``signum`` (the training loop polls it after
-    each step); a second one restores the default action and re-sends itself (stops at once)."""
+    """While active, SIGTERM/SIGINT/SIGUSR1/SIGUSR2 only set ``signum`` (the training loop polls
+    it after each step); a second one restores the default action and re-sends itself (stops at
+    once), except under the slurm launcher (``escalate`` False by default there)."""
 
-    def __init__(self):
+    def __init__(self, escalate: bool | None = None):
         self.signum: int | None = None
+        self.escalate = os.environ.get(LAUNCHER_ENV) != "slurm" if escalate is None else escalate
         self._old: dict[int, object] = {}
+        self._old_mask: set | None = None
 
     def __call__(self) -> int | None:
         return self.signum
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if not self.escalate:
+                return  # the same warning again (Slurm signals every process of the job)
             signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
             os.kill(os.getpid(), signum)
             return
         self.signum = signum
+        again = ("send it again to stop at once" if self.escalate
+                 else "Slurm's SIGKILL after its KillWait stops it at once")
         print(f"\nkdbench: got {signal.Signals(signum).name}: finishing the current step, then "
-              "writing a checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+              f"writing a checkpoint ({again})", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
+            # Handlers first, then unblock: a signal held while blocked is handled now.
+            self._old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return self
 
     def __exit__(self, *exc):
+        if self._old_mask is not None:
+            # Block again what was blocked before (a late signal then stays held, not fatal).
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+            self._old_mask = None
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
