@@ -76,3 +76,34 @@ def test_teacher_table_shows_section4_and_the_trained_representation():
                 "f.L_intra", "f.log_theorem1_rhs"):
         assert f"| {col} |" in head
     assert "λ=0.02 (f = logits)" in text
+
+
+# --------------------------------------------------------------------------------------------
+# the λ-sweep recipes
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,counts", [("cifar100_lambda_sweep", (35, 35)),
+                                         ("fashion_mnist_lambda_sweep", (7, 21))])
+def test_lambda_sweep_recipes(registry, name, counts):
+    from pathlib import Path
+
+    from kdbench.recipe import expand, load_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    loaded = load_recipe(recipes / f"{name}.toml", registry, check_device=False, check_files=False)
+    teachers, students = expand(loaded, registry)
+    assert (len(teachers), len(students)) == counts
+    lams = sorted({t.spec["objective"]["params"]["lambda"] for t in teachers
+                   if t.spec["objective"]["name"] == "margin_intra"})
+    assert lams == [0.0, 0.01, 0.02, 0.03, 0.05, 0.1]
+    assert {t.spec["objective"]["params"]["embedding"] for t in teachers
+            if t.spec["objective"]["name"] == "margin_intra"} == {"logits"}
+    for s in students:  # every student is the same KD on its teacher
+        assert [(m["name"], m["weight"]) for m in s.spec["methods"]] == [("ce", 0.1), ("kd", 0.9)]
+    if name.startswith("cifar100"):  # λ = 0.02 and CE: the paper recipe's teachers (one cache)
+        home = load_recipe(recipes / "cifar100_homogeneous.toml", registry, check_device=False,
+                           check_files=False)
+        assert loaded.teacher_dir == home.teacher_dir
+        wrn = {t.id for t in expand(home, registry)[0] if t.meta.model == "wrn_40_2"}
+        ours = {t.id for t in teachers if t.spec["objective"]["name"] == "ce"
+                or t.spec["objective"]["params"]["lambda"] == 0.02}
+        assert len(ours) == 10 and ours <= wrn
