@@ -22,17 +22,18 @@ RECIPES = ROOT / "recipes"
 
 # recipe -> (reference table, CSV dataset, teacher runs, student runs)
 PAPER = {
+    # the paper's 11 rows and the KD+RKD control (EXTRA_ROWS) × pairs × 5 seeds
+    "cifar100_homogeneous": ("Table 1", "CIFAR-100", 30, 180),
+    "cifar100_heterogeneous": ("Table 2", "CIFAR-100", 30, 180),
+    "tinyimagenet_homogeneous": ("Table 1", "Tiny-ImageNet", 30, 180),
+    "tinyimagenet_heterogeneous": ("Table 2", "Tiny-ImageNet", 30, 180),
+    "cifar10": ("Table 3", "CIFAR-10", 30, 360),  # 6 pairs, 3 distinct teachers
+}
+LITERATURE = {  # the paper's 11 rows only
     "cifar100_homogeneous": ("Table 1", "CIFAR-100", 30, 165),
     "cifar100_heterogeneous": ("Table 2", "CIFAR-100", 30, 165),
     "tinyimagenet_homogeneous": ("Table 1", "Tiny-ImageNet", 30, 165),
     "tinyimagenet_heterogeneous": ("Table 2", "Tiny-ImageNet", 30, 165),
-    "cifar10": ("Table 3", "CIFAR-10", 30, 330),  # 6 pairs, 3 distinct teachers
-}
-LITERATURE = {
-    "cifar100_homogeneous": PAPER["cifar100_homogeneous"],
-    "cifar100_heterogeneous": PAPER["cifar100_heterogeneous"],
-    "tinyimagenet_homogeneous": PAPER["tinyimagenet_homogeneous"],
-    "tinyimagenet_heterogeneous": PAPER["tinyimagenet_heterogeneous"],
     "cifar10_homogeneous": ("Table 3", "CIFAR-10", 30, 165),
     "cifar10_heterogeneous": ("Table 3", "CIFAR-10", 30, 165),
 }
@@ -45,6 +46,8 @@ ROWS = ["Student", "KD", "FitNet", "RKD", "CRD", "OFD", "ReviewKD", "VID", "MLLD
         "Ours+RKD"]
 REF_ROWS = ["student", "KD", "FitNet", "RKD", "CRD", "OFD", "ReviewKD", "VID", "MLLD", "Ours",
             "Ours+RKD"]
+# Rows the paper recipes (PAPER) add after the paper's: controls without a paper number.
+EXTRA_ROWS = ["KD+RKD (not in the paper)"]
 HOMO = [("ResNet50", "ResNet34"), ("WRN-40-2", "WRN-16-2"), ("VGG13", "VGG8")]
 HETERO = [("ResNet50", "MobileNetV2"), ("VGG13", "MobileNetV2"), ("WRN-40-2", "ShuffleNetV2")]
 HETERO_T3 = [("ResNet50", "MobileNetV2"), ("WRN-40-2", "ShuffleNetV2"), ("VGG13", "MobileNetV2")]
@@ -74,8 +77,13 @@ def test_validates_and_expands(registry, path, expected):
     teachers, students = expand(loaded, registry)
     assert (len(teachers), len(students)) == (n_teachers, n_students)
     r = loaded.recipe
-    assert [ms.display for ms in r.method_sets] == ROWS  # the paper's row order
-    assert [ms.ref_method for ms in r.method_sets] == REF_ROWS
+    extra = EXTRA_ROWS if path.parent == RECIPES and path.stem in PAPER else []
+    assert [ms.display for ms in r.method_sets] == ROWS + extra  # the paper's row order
+    assert [ms.ref_method for ms in r.method_sets] == REF_ROWS + [None] * len(extra)
+    for ms in r.method_sets[len(ROWS):]:  # KD+RKD: Ours+RKD's terms with the CE teacher
+        ours_rkd = r.method_sets[ROWS.index("Ours+RKD")]
+        assert ms.teachers == ["ce"] and [(m.name, m.weight) for m in ms.methods] == \
+            [(m.name, m.weight) for m in ours_rkd.methods]
     # Baselines distil from the CE teacher, "Ours" rows from the margin-gated one.
     objectives = {o.display: o.name for o in r.teacher_objectives}
     assert objectives == {"ce": "ce", "margin": "margin_intra"}
