@@ -2,8 +2,8 @@
 
 Every error the user can fix (a :class:`kdbench.api.UserError`) prints one clear message and
 exits with status 2, without a traceback. ``kdbench run`` exits 0 when every run finished (done,
-or diverged: a result), 1 if a run failed, and 128 + N when signal N (SIGTERM, SIGINT, SIGUSR1)
-stopped it after writing a checkpoint; the same command again resumes.
+or diverged: a result), 1 if a run failed, and 128 + N when signal N (SIGTERM, SIGINT, SIGUSR1,
+SIGUSR2) stopped it after writing a checkpoint; the same command again resumes.
 """
 from __future__ import annotations
 

@@ -19,12 +19,13 @@ Reliability rules:
   written; those of failed and interrupted runs are kept, so their retry resumes.
 * What a rerun does with each record status: ``done`` is skipped; ``diverged`` (NaN/inf loss) is
   a result and is kept unless ``retry_diverged``; ``failed`` (an exception) and ``interrupted``
-  (SIGTERM, SIGINT or SIGUSR1) are run again (resuming from their checkpoint).
+  (SIGTERM, SIGINT, SIGUSR1 or SIGUSR2) are run again (resuming from their checkpoint).
 * A failing run does not stop the grid (unless ``fail_fast``); a student whose teacher failed or
   diverged is recorded as failed with that reason.
-* SIGTERM/SIGINT/SIGUSR1 let the current step finish, write a checkpoint, record the run as
-  ``interrupted`` and stop the grid (the CLI then exits 128 + signal number). A second signal
-  stops the process at once (the last checkpoint is still good).
+* SIGTERM/SIGINT/SIGUSR1/SIGUSR2 let the current step finish, write a checkpoint, record the
+  run as ``interrupted`` and stop the grid (the CLI then exits 128 + signal number). A second
+  signal stops the process at once (the last checkpoint is still good), except under the slurm
+  launcher (:mod:`kdbench.engine.signals`).
 
 A distributed runner (:mod:`kdbench.engine.distributed`) gives each rank its own store,
 checkpointer, progress, stop signals and step wrapper through the constructor.
