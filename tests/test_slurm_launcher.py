@@ -149,3 +149,13 @@ def test_a_resubmit_leaves_a_run_being_trained_alone(tiny_recipe, registry, monk
     err = capsys.readouterr().err
     assert f"not submitting 1 run(s) already queued or being trained: {teacher.id} (being trained by pid {os.getpid()}" in err
     assert "nothing to submit" in err and not list(loaded.output_dir.rglob("*.pkl"))  # no job
+
+
+@pytest.mark.slow
+def test_a_run_id_summary_counts_only_that_run(tiny_recipe, registry, capsys):
+    recipe = tiny_recipe()
+    assert main(["run", str(recipe), "--plain"]) == 0  # the whole grid: 1 teacher, 2 students
+    capsys.readouterr()
+    students = expand(load_recipe(recipe, registry), registry)[1]
+    assert main(["run", str(recipe), "--plain", "--run-id", students[0].id]) == 0
+    assert "0 done, 1 skipped (already done)" in capsys.readouterr().err
