@@ -11,22 +11,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from kdbench.api import UserError
-
 EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_USAGE
+    # Everything heavy (torch comes with kdbench.api) is imported inside: a Ctrl-C in the
+    # first second, while it loads, is the same one line as later.
     try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"kdbench: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        from kdbench.api import UserError
+
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_USAGE
+        try:
+            return args.func(args)
+        except UserError as exc:
+            print(f"kdbench: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     except KeyboardInterrupt:
         print("kdbench: interrupted", file=sys.stderr)
         return 130
@@ -113,6 +116,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from kdbench.api import UserError
+
     if args.threads is not None:
         if args.threads <= 0:
             raise UserError(f"--threads must be a positive number, got {args.threads}")
@@ -149,9 +154,24 @@ def cmd_run(args) -> int:
     launcher = args.launcher or loaded.recipe.launcher
     if launcher != "local" and (args.devices or args.workers):
         raise UserError("--devices and --workers go with --launcher local")
+    _check_output_folders(args, loaded)
     from kdbench.launchers import launch
 
     return launch(launcher, args, loaded, registry)
+
+
+def _check_output_folders(args, loaded) -> None:
+    """Before anything trains: the output folder is writable, and the teacher folder is a folder
+    or can be made (an existing shared cache may be read-only when its teachers are all
+    trained; a teacher to train there finds a read-only one at its lock, in one line too)."""
+    from kdbench.store import check_writable
+
+    key = "--output" if args.output else f"output in {loaded.path}"
+    check_writable(loaded.output_dir, "output folder", f"choose a writable folder with {key}")
+    teachers = loaded.teacher_dir
+    if not teachers.is_dir():
+        key = f"teacher_cache in {loaded.path}" if loaded.recipe.teacher_cache else key
+        check_writable(teachers, "teacher folder", f"choose a writable folder with {key}")
 
 
 def _print_plan(runner) -> None:

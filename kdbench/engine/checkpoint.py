@@ -20,7 +20,8 @@ the last two kept. Each file starts with a line ``KDBCKPT1 <sha256 of the rest>`
 the ``torch.save`` payload, so a truncated or corrupt file is detected; loading uses
 ``torch.load(weights_only=True)`` (tensors and plain containers only: the RNG states are stored
 as tensors and lists). A bad checkpoint is reported with a warning and the previous one is used,
-or the run starts over. The runner deletes a run's checkpoints once its final record is written.
+or the run starts over. The runner deletes a run's checkpoints once its final record is written,
+and those of runs found done at the start of a later ``kdbench run`` (a kill between the two).
 """
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ class Checkpointer:
         found = []
         for p in self.dir.glob("ckpt-*.pt"):
             m = _NAME.fullmatch(p.name)
-            if m:
+            if m and p.is_file():  # a folder of that name is not ours to read or delete
                 found.append((int(m.group(1)), p))
         return [p for _, p in sorted(found, reverse=True)]
 
@@ -226,6 +227,11 @@ class Checkpointer:
                           epochs=list(ckpt["epochs"]), accum=ckpt["accum"], path=path)
         self.warn(f"no usable checkpoint in {self.dir}; starting the run over")
         return None
+
+    def has_checkpoints(self) -> bool:
+        """Whether the run or one of its initialisation stages has a checkpoint file."""
+        return bool(self.paths()) or any(stage.is_dir() and Checkpointer(stage).paths()
+                                         for stage in self.dir.glob("init-*"))
 
     def clear(self) -> None:
         """Delete the run's checkpoints, those of its initialisation stages (``init-*/``) too."""

@@ -14,6 +14,8 @@ import os
 import socket
 from pathlib import Path
 
+from kdbench.store import WRITE_HINTS, StoreError
+
 LOCK = ".lock"
 
 
@@ -30,8 +32,13 @@ class RunLock:
         """Take the lock if it is free; False if another process holds it."""
         if self.fd is not None:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot create the run lock {self.path}: {exc.strerror or exc}; "
+                             f"{WRITE_HINTS.get(exc.errno, 'check that the folder is writable (and not a file)')}"
+                             " and run the same command again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -51,6 +51,24 @@ class RunQueue:
             return False
         return True
 
+    def clear_done_checkpoints(self, specs, make_checkpointer) -> None:
+        """Delete leftover checkpoints of runs whose final record is written (done or diverged):
+        a kill between that write and the deletion leaves them, and nothing else would remove
+        them. Under each run's lock (a run another process holds is left alone)."""
+        for spec in specs:
+            if self.store.status(spec.kind, spec.id) not in ("done", "diverged"):
+                continue
+            ckpt = make_checkpointer(self.store.run_dir(spec.kind, spec.id))
+            if not ckpt.has_checkpoints():
+                continue
+            lock = self.lock(spec)
+            if lock.try_acquire():
+                with lock:
+                    if self.store.status(spec.kind, spec.id) in ("done", "diverged"):
+                        ckpt.clear()
+                        self.progress.log(f"{spec.describe} ({spec.id}): removed the checkpoints "
+                                          "left behind after its final record")
+
     def run(self, todo: list, summary: Summary) -> None:
         """Work through ``todo`` until every run is attempted (or a stop signal arrives)."""
         self.pending_teachers = {s.id for s in todo if s.kind == "teacher"}
@@ -108,4 +126,18 @@ class RunQueue:
                 (summary.skipped if status == "done" else
                  summary.diverged if status == "diverged" else summary.failed).append(spec.id)
                 return status
+            self.prepare(spec)
             return self.run_one(spec, summary)
+
+    def prepare(self, spec) -> None:
+        """Before training a run whose lock we hold: move its bad files aside (a record that
+        cannot be used, a teacher's weights that are not the recorded ones), delete temp files
+        of writes killed half-way, and count the attempt (persisted: a killed attempt writes
+        no record)."""
+        bad = self.store.set_aside_bad_files(spec.kind, spec.id)
+        if bad:
+            why, moved = bad
+            self.progress.log(f"{spec.describe} ({spec.id}): {why}; kept as "
+                              f"{', '.join(p.name for p in moved)}; training it again")
+        self.store.remove_stale_temp_files(spec.kind, spec.id)
+        self.store.start_attempt(spec.kind, spec.id)

@@ -52,8 +52,12 @@ class RunRecorder:
             train: Callable[[Checkpointer], dict], resumed_from: Callable[[], dict | None]) -> str:
         """Train ``spec`` with ``train(checkpointer)`` and record the outcome; the status."""
         prev = self.store.record(spec.kind, spec.id) or {}
+        # Attempts: one more than the last record's, or the persisted count of starts
+        # (RunQueue.prepare), which also counts attempts killed before they wrote a record.
+        attempt = max(int((prev.get("trained_by") or {}).get("attempt", 0)) + 1,
+                      self.store.attempts(spec.kind, spec.id))
         self.trained_by = {"pid": os.getpid(), "host": socket.gethostname(),
-                           "attempt": int((prev.get("trained_by") or {}).get("attempt", 0)) + 1,
+                           "attempt": attempt,
                            "resumed_from": None,
                            "launcher": os.environ.get("KDBENCH_LAUNCHER", "inline")}
         if self.world_size > 1:

@@ -76,7 +76,9 @@ class GridRunner:
 
     # ------------------------------------------------------------------ planning
     def plan(self) -> dict:
-        needed = {s.teacher.id for s in self.students if s.teacher and not self._done(s)}
+        # A teacher named by --run-id is trained even if its students are done (its record
+        # was deleted: the leaderboard's teacher row needs it).
+        needed = {s.teacher.id for s in self.students if s.teacher and not self._done(s)} | (self.only or set())
         return {
             "teachers": [(t, self._done(t)) for t in self.teachers],
             "teachers_needed": [t for t in self.teachers if t.id in needed and not self._done(t)],
@@ -106,6 +108,9 @@ class GridRunner:
     def run(self) -> Summary:
         summary = Summary()
         self.queue.take_snapshot(self.teachers + self.students)
+        self.queue.clear_done_checkpoints([s for s in self.teachers + self.students
+                                           if self.only is None or s.id in self.only],
+                                          self.make_checkpointer)
         # Done before: the grid's students, or with --run-id only the runs asked for.
         summary.skipped += [s.id for s in (self.students if self.only is None else self.teachers + self.students)
                             if (self.only is None or s.id in self.only) and self._done(s)]

@@ -1,6 +1,9 @@
 """Result records -> frames: the student rows (one per counted run) and the teacher rows, a run
 id found in several folders counted once, and of several runs of one (row, pair, seed) the
-newest; both noted for the table."""
+newest; both noted for the table. Nothing is dropped silently: records that cannot be used
+(truncated, empty, not an object, without their metadata or numbers) are listed in
+``notes["unreadable"]`` with why, and a teacher whose students are counted but whose record is
+missing is noted for its table (``"missing_teachers"``)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +14,7 @@ import pandas as pd
 
 from kdbench.api import UserError
 from kdbench.leaderboard.common import METRICS
-from kdbench.store import iter_records
+from kdbench.store import scan_records
 
 
 def _where(rec: dict, root: Path) -> str:
@@ -30,18 +33,10 @@ def _mtime(rec: dict) -> int:
 
 
 def _metric_values(rec: dict) -> dict:
-    """top-1 at the final and the best epoch (NaN unless done), and what "best" was chosen on."""
-    out = {}
+    """top-1 at the final and the best epoch (NaN unless done: a good done record has both,
+    see :func:`kdbench.store.record_problem`), and what "best" was chosen on."""
     done = rec.get("status") == "done"
-    for m in METRICS:
-        if not done:
-            out[m] = math.nan
-            continue
-        try:
-            out[m] = float(rec[m]["top1"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{rec['_path']}: a done record without a number in {m}.top1; "
-                            "delete that run's folder and run the recipe again") from None
+    out = {m: float(rec[m]["top1"]) if done else math.nan for m in METRICS}
     best = rec.get("best") if isinstance(rec.get("best"), dict) else {}
     out["selected_on"] = best.get("selected_on") or "test"
     return out
@@ -68,38 +63,29 @@ def _dedupe_ids(records: list[dict], root: Path, notes: dict) -> dict[str, dict]
     return out
 
 
-def _check_student(rec: dict) -> None:
-    meta, spec = rec.get("meta"), rec.get("spec")
-    missing = [k for k in ("group", "dataset", "pair", "method_set")
-               if not isinstance(meta, dict) or k not in meta]
-    if not isinstance(spec, dict) or "seed" not in spec:
-        missing.append("spec.seed")
-    if missing:
-        raise UserError(f"{rec['_path']}: a student record without {', '.join(missing)}; it was "
-                        "not written by this kdbench (delete it or rerun that run)")
-
-
 def collect(runs_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The student rows (one per counted run), the teacher rows of the teachers those students
     used, and the notes on duplicates per (group, dataset)."""
     runs_dir = Path(runs_dir)
     teachers_raw, students_raw = [], []
-    for rec in iter_records(runs_dir):
-        if "id" not in rec:
-            continue
+    records, unreadable = scan_records(runs_dir)
+    for rec in records:
         if rec.get("kind") == "teacher":
             teachers_raw.append(rec)
         elif rec.get("kind") == "student":
             students_raw.append(rec)
     if not students_raw:
-        raise UserError(f"{runs_dir}: no student records found (run `kdbench run RECIPE` first, "
-                        "and point the leaderboard at its output folder)")
-    notes: dict = {}
+        bad = (f" ({len(unreadable)} record(s) that cannot be used: "
+               + "; ".join(f"{path}: {why}" for path, why in unreadable[:3])
+               + ("; ..." if len(unreadable) > 3 else "") + ")") if unreadable else ""
+        raise UserError(f"{runs_dir}: no student records found{bad} (run `kdbench run RECIPE` "
+                        "first, and point the leaderboard at its output folder)")
+    notes: dict = {"unreadable": [(_where({"_path": str(path)}, runs_dir) + "/record.json", why)
+                                  for path, why in unreadable]}
     teachers = _dedupe_ids(teachers_raw, runs_dir, notes)
     students = _dedupe_ids(students_raw, runs_dir, notes)
     rows = []
     for rec in students.values():
-        _check_student(rec)
         m = rec["meta"]
         pair_order, row_order, objective_order = _student_order(m)
         rows.append({
@@ -132,6 +118,11 @@ def collect(runs_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         for tid in sub["teacher_id"].unique():
             t = teachers.get(tid)
             if t is None:
+                recipe = students[sub.loc[sub["teacher_id"] == tid, "run_id"].iloc[0]].get("recipe")
+                notes.setdefault((key[0], key[1]), {}).setdefault("missing_teachers", []).append(
+                    f"{tid} (pair {key[2]}, objective {key[3]}): no usable record under {runs_dir}, "
+                    "so its row leaves it out; `kdbench run "
+                    f"{recipe or 'RECIPE'} --run-id {tid}` trains it again")
                 continue
             trows.append({"group": key[0], "dataset": key[1], "pair": key[2], "objective": key[3],
                           "row": f"Teacher ({key[3]})",

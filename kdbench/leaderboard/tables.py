@@ -15,6 +15,11 @@ from kdbench.leaderboard.comparisons import _baseline_rows, _column_stats, _Row,
 from kdbench.leaderboard.literature_cells import _Lit, _lit_text
 
 
+def _md(text) -> str:
+    """A table cell's text: a ``|`` in a label (or anything else) would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def load_reference(file: str | None = None) -> dict[tuple, float]:
     if file:
         text = Path(file).read_text()
@@ -101,9 +106,9 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
                     text = f"**{text}**"
                 cells.append(text)
             lines[r.label] = cells
-        header = "| Method | " + " | ".join(pairs) + " |"
+        header = "| Method | " + " | ".join(map(_md, pairs)) + " |"
         sep = "|---|" + "---|" * len(pairs)
-        body = [f"| {lbl} | " + " | ".join(cells) + " |" for lbl, cells in lines.items()]
+        body = [f"| {_md(lbl)} | " + " | ".join(map(_md, cells)) + " |" for lbl, cells in lines.items()]
         title = f"{group} — {dataset}"
         what = f"**{metric}** epoch" + (f" ({selection_note})" if metric == "best" else "")
         intro = (f"Top-1 accuracy (%) at the {what}, over distinct seeds."
@@ -124,6 +129,10 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
         if tnotes.get("seeds"):
             below.append("Several runs of one row, pair and seed (the newest counted): "
                          + "; ".join(tnotes["seeds"]) + ".")
+        if tnotes.get("missing_teachers"):
+            below.append("Teachers whose students are counted but whose record is missing or "
+                         "cannot be used (their teacher row leaves them out): "
+                         + "; ".join(tnotes["missing_teachers"]) + ".")
         md = "\n".join([f"## {title}", "", intro, "", header, sep, *body, "",
                         *[line + "\n" for line in below if line]])
         if len(tsub):
@@ -159,7 +168,7 @@ def _diagnostics_table(tsub: pd.DataFrame) -> str:
         return ""
     head = "| Teacher (pair) | Objective | n | " + " | ".join(keys) + " |"
     sep = "|---|---|---|" + "---|" * len(keys)
-    body = [f"| {p} | {o} | {n} | " + " | ".join(f"{v.get(k, math.nan):.4g}" for k in keys) + " |"
+    body = [f"| {_md(p)} | {_md(o)} | {n} | " + " | ".join(f"{v.get(k, math.nan):.4g}" for k in keys) + " |"
             for p, o, n, v in rows]
     return "\n".join(["Teacher diagnostics (test set, mean over teachers; φ = the normalised pooled "
                       "feature, f. = the representation the objective trained, named beside the "

@@ -35,7 +35,8 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
             raise UserError(f"literature: {exc}") from None
     df, tdf, notes = collect(runs_dir)
     tables = build_tables(df, tdf, metric, reference_file, notes, literature_sources)
-    md = "# kdbench leaderboard\n\n" + "\n".join(md for _, md, _ in tables)
+    md = "# kdbench leaderboard\n\n" + _unreadable(notes.get("unreadable"), runs_dir) + "\n".join(
+        md for _, md, _ in tables)
     written = [out_dir / "leaderboard.md", out_dir / "leaderboard.csv"]
     atomic_write_bytes(written[0], md.encode())
     long = pd.DataFrame([r for *_, rows in tables for r in rows])
@@ -55,3 +56,16 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
 
     written += write_sweeps(df, tdf, out_dir, plot=plot)
     return written
+
+
+def _unreadable(bad: list[tuple[str, str]] | None, runs_dir: Path) -> str:
+    """The records left out because they cannot be used, said on stderr and atop the markdown:
+    a whole row must never vanish without a word."""
+    if not bad:
+        return ""
+    for path, why in bad:
+        print(f"kdbench leaderboard: left out {runs_dir / path}: {why}", file=sys.stderr)
+    items = "".join(f"- `{path}`: {why}\n" for path, why in bad)
+    return (f"**{len(bad)} record(s) under {runs_dir} cannot be used and are left out** "
+            "(`kdbench run` trains those runs again, keeping the bad file beside as "
+            "`record.json.corrupt-<time>`):\n\n" + items + "\n")
