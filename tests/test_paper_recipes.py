@@ -246,7 +246,7 @@ def test_leaderboard_without_matplotlib(registry, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     written = write_leaderboard(tmp_path / "runs", tmp_path / "lb")
-    assert [p.name for p in written] == ["leaderboard.md", "leaderboard.csv"]
+    assert [p.name for p in written] == ["leaderboard.md", "leaderboard.csv", "index.html"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "matplotlib is not installed" in err[0]
     assert not (tmp_path / "lb" / "leaderboard.png").exists()

@@ -9,6 +9,7 @@ import pandas as pd
 from kdbench import literature
 from kdbench.api import UserError
 from kdbench.leaderboard.common import INT_COLUMNS, METRICS
+from kdbench.leaderboard.html import write_html
 from kdbench.leaderboard.records import collect
 from kdbench.leaderboard.tables import build_tables
 from kdbench.store import atomic_write_bytes
@@ -17,7 +18,8 @@ from kdbench.store import atomic_write_bytes
 def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
                       reference_file: str | None = None, plot: bool = True,
                       literature_sources: list[str] | None = None) -> list[Path]:
-    """Writes leaderboard.md (at ``metric``), leaderboard.csv (both metrics) and (with
+    """Writes leaderboard.md (at ``metric``), leaderboard.csv (both metrics), index.html (the
+    same tables as one self-contained page, with every run's curves; :mod:`.html`) and (with
     matplotlib) leaderboard.png (at ``metric``) into ``out_dir``; returns the paths written.
     Without matplotlib the plot is skipped with one line on stderr. ``literature_sources``
     (e.g. ["CRD", "DKD"]) shows those published numbers beside every table, for records run
@@ -43,6 +45,7 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
     for c in INT_COLUMNS:  # counts stay integers next to empty fields
         long[c] = long[c].astype("Int64")
     atomic_write_bytes(written[1], long.to_csv(index=False).encode())
+    written.append(write_html(out_dir / "index.html", runs_dir, tables, df, tdf, metric))
     if plot:
         from kdbench.plot import MissingMatplotlib, write_plot
 
