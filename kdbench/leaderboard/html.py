@@ -135,7 +135,9 @@ def _section(i: int, title: str, md: str, rows: list, df, tdf, metric: str, runs
             cells_html.append(_cell_runs(f"c{i}-{_slug(label)}-{j}", label, pair, recs, runs_dir,
                                          out_dir, runs, counts))
     bad = [f'<a href="#{a}">{_e(what)}</a>' for a, what in counts.pop("_bad", [])]
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    rank = list(STATUS_TEXT)  # done first, then the ones that did not finish
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (
+        rank.index(kv[0]) if kv[0] in rank else len(rank), kv[0])))
     return f"""<section id="t{i}">
 <h2>{_e(title)}</h2>
 <p class="intro">{_inline(parsed["intro"])}</p>
@@ -157,7 +159,7 @@ Before the last epoch the test numbers may come from a subset of the test set (t
 <code>evaluation</code>). The reproduce command trains the run again (a student with its teacher)
 into a fresh folder; run it where the recipe path resolves.</p>
 {_CURVE_LEGEND}
-<div class="cells">{"".join(cells_html)}</div>
+<div class="cells" style="grid-template-columns: repeat({len(pairs)}, minmax(0, 1fr))">{"".join(cells_html)}</div>
 </section>"""
 
 
@@ -195,10 +197,7 @@ def _diag_html(diag: tuple, i: int) -> str:
                       for j, c in enumerate(row))
         trs.append(f"<tr>{tds}</tr>")
     return (f'<p>{_inline(caption)}</p><table class="diag sortable" id="diag{i}"><thead><tr>{ths}</tr></thead>'
-            f'<tbody class="sorted">{"".join(trs)}</tbody></table>'
-            '<p class="hint">Means over the teachers of each pair and objective, on the test set '
-            '(kdbench.diagnostics): soft-label entropy and non-target mass at the distillation '
-            'temperature, intra- and inter-class distances.</p>')
+            f'<tbody class="sorted">{"".join(trs)}</tbody></table>')
 
 
 # ------------------------------------------------------------------ the CI plot of one pair
