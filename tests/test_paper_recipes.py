@@ -22,12 +22,12 @@ RECIPES = ROOT / "recipes"
 
 # recipe -> (reference table, CSV dataset, teacher runs, student runs)
 PAPER = {
-    # the paper's 11 rows and the KD+RKD control (EXTRA_ROWS) × pairs × 5 seeds
-    "cifar100_homogeneous": ("Table 1", "CIFAR-100", 30, 180),
-    "cifar100_heterogeneous": ("Table 2", "CIFAR-100", 30, 180),
-    "tinyimagenet_homogeneous": ("Table 1", "Tiny-ImageNet", 30, 180),
-    "tinyimagenet_heterogeneous": ("Table 2", "Tiny-ImageNet", 30, 180),
-    "cifar10": ("Table 3", "CIFAR-10", 30, 360),  # 6 pairs, 3 distinct teachers
+    # the paper's 11 rows, the KD+RKD control and issue 18's 14 methods (EXTRA_ROWS) × pairs × 5 seeds
+    "cifar100_homogeneous": ("Table 1", "CIFAR-100", 30, 390),
+    "cifar100_heterogeneous": ("Table 2", "CIFAR-100", 30, 390),
+    "tinyimagenet_homogeneous": ("Table 1", "Tiny-ImageNet", 30, 390),
+    "tinyimagenet_heterogeneous": ("Table 2", "Tiny-ImageNet", 30, 390),
+    "cifar10": ("Table 3", "CIFAR-10", 30, 780),  # 6 pairs, 3 distinct teachers
 }
 LITERATURE = {  # the paper's 11 rows only
     "cifar100_homogeneous": ("Table 1", "CIFAR-100", 30, 165),
@@ -46,8 +46,13 @@ ROWS = ["Student", "KD", "FitNet", "RKD", "CRD", "OFD", "ReviewKD", "VID", "MLLD
         "Ours+RKD"]
 REF_ROWS = ["student", "KD", "FitNet", "RKD", "CRD", "OFD", "ReviewKD", "VID", "MLLD", "Ours",
             "Ours+RKD"]
-# Rows the paper recipes (PAPER) add after the paper's: controls without a paper number.
-EXTRA_ROWS = ["KD+RKD (not in the paper)"]
+# Rows the paper recipes (PAPER) add after the paper's, without a paper number: the KD+RKD
+# control, then the other code bases' methods (issue 18; KDSVD and FSP refuse these recipes'
+# pairs of unequal channel counts) -> the method each adds to CE.
+NEW_METHODS = {"AT": "at", "SP": "sp", "CC": "cc", "PKT": "pkt", "NST": "nst", "AB": "ab", "FT": "ft",
+               "DKD": "dkd", "DIST": "dist", "CTKD": "ctkd", "KD+LS": "kd", "DKD+LS": "dkd",
+               "MLLD+LS": "mlld", "CTKD+LS": "ctkd"}
+EXTRA_ROWS = ["KD+RKD (not in the paper)"] + [f"{row} (not in the paper)" for row in NEW_METHODS]
 HOMO = [("ResNet50", "ResNet34"), ("WRN-40-2", "WRN-16-2"), ("VGG13", "VGG8")]
 HETERO = [("ResNet50", "MobileNetV2"), ("VGG13", "MobileNetV2"), ("WRN-40-2", "ShuffleNetV2")]
 HETERO_T3 = [("ResNet50", "MobileNetV2"), ("WRN-40-2", "ShuffleNetV2"), ("VGG13", "MobileNetV2")]
@@ -80,7 +85,12 @@ def test_validates_and_expands(registry, path, expected):
     extra = EXTRA_ROWS if path.parent == RECIPES and path.stem in PAPER else []
     assert [ms.display for ms in r.method_sets] == ROWS + extra  # the paper's row order
     assert [ms.ref_method for ms in r.method_sets] == REF_ROWS + [None] * len(extra)
-    for ms in r.method_sets[len(ROWS):]:  # KD+RKD: Ours+RKD's terms with the CE teacher
+    for ms in r.method_sets[len(ROWS) + 1:]:  # issue 18's rows: CE teacher, ce + the method
+        row = ms.display.removesuffix(" (not in the paper)")
+        assert ms.teachers == ["ce"] and [m.name for m in ms.methods] == ["ce", NEW_METHODS[row]]
+        ls = [m.params.get("logit_standardize", False) for m in ms.methods[1:]]
+        assert ls == [row.endswith("+LS")]
+    for ms in r.method_sets[len(ROWS):len(ROWS) + 1]:  # KD+RKD: Ours+RKD's terms with the CE teacher
         ours_rkd = r.method_sets[ROWS.index("Ours+RKD")]
         assert ms.teachers == ["ce"] and [(m.name, m.weight) for m in ms.methods] == \
             [(m.name, m.weight) for m in ours_rkd.methods]
