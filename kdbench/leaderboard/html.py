@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
 import os
 import re
 from importlib import resources
@@ -272,7 +273,11 @@ def _ticks(lo: float, hi: float, want: int = 5) -> list[float]:
 def _cell_runs(anchor: str, label: str, pair: str, recs: pd.DataFrame, runs_dir: Path,
                out_dir: Path, runs: dict, counts: dict) -> str:
     items = []
-    for r in recs.sort_values(["seed", "run_id"], key=lambda s: s.astype(str)).itertuples():
+    # Seeds in numeric order (a teacher record without one has its id in their place).
+    order = sorted(range(len(recs)), key=lambda k: (
+        (0, recs["seed"].iloc[k], "") if isinstance(recs["seed"].iloc[k], numbers.Real)
+        else (1, 0, str(recs["seed"].iloc[k])), str(recs["run_id"].iloc[k])))
+    for r in recs.iloc[order].itertuples():
         status = str(r.status)
         counts[status] = counts.get(status, 0) + 1
         if status != "done":
