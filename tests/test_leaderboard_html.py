@@ -11,6 +11,7 @@ leaderboard.md says, that the page fits a 1366-pixel-wide window, and saves a sc
 """
 from __future__ import annotations
 
+import csv
 import re
 import time
 from pathlib import Path
@@ -179,6 +180,13 @@ def test_the_page_in_a_browser(registry, tmp_path, browser):
     browser.find_element("css selector", "#lb0 tbody.sorted tr td:nth-child(2) a.cell").click()
     opened = browser.find_elements("css selector", "details.cellruns[open]")
     assert len(opened) == 1
+    # Its paired comparisons are the CSV's numbers.
+    label = js("return document.querySelector('#lb0 tbody.sorted tr').cells[0].textContent")
+    row = next(r for r in csv.DictReader((out / "leaderboard.csv").read_text().splitlines())
+               if r["row"] == label and r["pair"] == grid["pairs"][0] and r["metric"] == "final")
+    compare = opened[0].find_element("css selector", ".compare").text
+    assert f"vs baseline {row['baseline_row']}: Δ {float(row['diff']):+.2f}" in compare
+    assert f"vs the best row {row['best_row']}: Δ {float(row['diff_best']):+.2f}" in compare
     curves = opened[0].find_elements("css selector", ".curves svg")
     assert len(curves) == 2 * len(opened[0].find_elements("css selector", ".run"))
     lines = js("return Array.from(arguments[0].querySelectorAll('.curves polyline')).map("

@@ -116,7 +116,8 @@ def _section(i: int, title: str, md: str, rows: list, df, tdf, metric: str, runs
             value = _num(lr.get("mean"))
             tds.append(f'<td class="{" ".join(classes)}" data-v="{"" if value is None else value}">'
                        f'<a class="cell" href="#c{i}-{_slug(label)}-{j}" '
-                       f'title="the runs of this cell">{_cell_html(text)}</a></td>')
+                       f'title="{_e(_comparison(lr) or "no paired comparison")}; click for the runs">'
+                       f'{_cell_html(text)}</a></td>')
         tr = f'<tr><th scope="row">{_e(label)}</th>{"".join(tds)}</tr>'
         (teachers if label.startswith("Teacher (") else students).append(tr)
     table = (f'<table class="lb sortable" id="lb{i}"><thead><tr><th data-sort="text" '
@@ -134,7 +135,7 @@ def _section(i: int, title: str, md: str, rows: list, df, tdf, metric: str, runs
         for j, pair in enumerate(pairs):
             recs = frame[(frame["row"] == label) & (frame["pair"] == pair)] if len(frame) else frame
             cells_html.append(_cell_runs(f"c{i}-{_slug(label)}-{j}", label, pair, recs, runs_dir,
-                                         out_dir, runs, counts))
+                                         out_dir, runs, counts, _comparison(long.get((label, pair), {}))))
     bad = [f'<a href="#{a}">{_e(what)}</a>' for a, what in counts.pop("_bad", [])]
     rank = list(STATUS_TEXT)  # done first, then the ones that did not finish
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: (
@@ -162,6 +163,23 @@ into a fresh folder; run it where the recipe path resolves.</p>
 {_CURVE_LEGEND}
 <div class="cells" style="grid-template-columns: repeat({len(pairs)}, minmax(0, 1fr))">{"".join(cells_html)}</div>
 </section>"""
+
+
+def _comparison(lr: dict) -> str:
+    """The CSV row's paired comparisons, in words: with the baseline and with the best row."""
+    out = []
+    if lr.get("baseline_row") and _num(lr.get("diff")) is not None:
+        lo, hi, p = _num(lr.get("diff_ci_low")), _num(lr.get("diff_ci_high")), _num(lr.get("p_holm"))
+        out.append(f"vs baseline {lr['baseline_row']}: Δ {lr['diff']:+.2f}"
+                   + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else "")
+                   + f" over {lr.get('n_paired')} shared seeds"
+                   + (f", p = {p:.3g} (Holm; {lr.get('p_test')})" if p is not None else ", not tested"))
+    if lr.get("best_row") and _num(lr.get("diff_best")) is not None:
+        p = _num(lr.get("p_best_holm"))
+        out.append(f"vs the best row {lr['best_row']}: Δ {lr['diff_best']:+.2f} over "
+                   f"{lr.get('n_paired_best')} shared seeds"
+                   + (f", p = {p:.3g} (Holm)" if p is not None else ", not tested"))
+    return "; ".join(out)
 
 
 def _cell_html(text: str) -> str:
@@ -271,8 +289,8 @@ def _ticks(lo: float, hi: float, want: int = 5) -> list[float]:
 
 # ------------------------------------------------------------------ the runs of one cell
 def _cell_runs(anchor: str, label: str, pair: str, recs: pd.DataFrame, runs_dir: Path,
-               out_dir: Path, runs: dict, counts: dict) -> str:
-    items = []
+               out_dir: Path, runs: dict, counts: dict, comparison: str) -> str:
+    items = [f'<p class="compare">{_e(comparison)}.</p>'] if comparison else []
     # Seeds in numeric order (a teacher record without one has its id in their place).
     order = sorted(range(len(recs)), key=lambda k: (
         (0, recs["seed"].iloc[k], "") if isinstance(recs["seed"].iloc[k], numbers.Real)
