@@ -159,3 +159,20 @@ def test_a_run_id_summary_counts_only_that_run(tiny_recipe, registry, capsys):
     students = expand(load_recipe(recipe, registry), registry)[1]
     assert main(["run", str(recipe), "--plain", "--run-id", students[0].id]) == 0
     assert "0 done, 1 skipped (already done)" in capsys.readouterr().err
+
+
+def test_queued_runs_are_this_folders_jobs_still_in_squeue(tmp_path, monkeypatch):
+    class Job:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+    class Spec:
+        def __init__(self, run_id):
+            self.id = run_id
+
+    slurm.write_manifest(tmp_path, [Job("7_0"), Job("7_1")], [Spec("t-a"), Spec("t-b")])
+    slurm.write_manifest(tmp_path, [Job("8")], [Spec("s-c")])
+    monkeypatch.setattr(slurm, "queued_jobs", lambda: {
+        "7_1": ("RUNNING", "kdbench-x"), "8": ("PENDING", "someone-else"), "9": ("PENDING", "kdbench-x")})
+    # 7_0 left squeue; job 8 is another job that got the same id (not ours: its name differs).
+    assert slurm.queued_runs(tmp_path, "kdbench-x") == {"t-b": ("7_1", "RUNNING")}

@@ -307,18 +307,20 @@ def check_controller() -> None:
                           "(is slurmctld running? SLURM_CONF?)")
 
 
-def queued_jobs() -> dict[str, str]:
-    """{job id: state} of this user's jobs in ``squeue`` (array tasks one by one: ``12_3``)."""
-    proc = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
+def queued_jobs() -> dict[str, tuple[str, str]]:
+    """{job id: (state, job name)} of this user's jobs in ``squeue`` (array tasks one by one:
+    ``12_3``)."""
+    proc = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%j"],
                           capture_output=True, text=True, timeout=60)
     if proc.returncode:
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise _user_error(f"squeue failed: {why}")
     jobs = {}
     for line in proc.stdout.splitlines():
-        job_id, _, state = line.strip().partition("|")
+        job_id, _, rest = line.strip().partition("|")
+        state, _, name = rest.partition("|")
         if job_id:
-            jobs[job_id] = state
+            jobs[job_id] = (state, name)
     return jobs
 
 
@@ -338,9 +340,9 @@ def write_manifest(folder: Path, jobs: list, runs: list) -> None:
     os.replace(tmp, path)
 
 
-def queued_runs(folder: Path) -> dict[str, tuple[str, str]]:
-    """{run id: (job id, state)} of the runs whose job (submitted from this output folder) is
-    still in ``squeue``."""
+def queued_runs(folder: Path, name: str) -> dict[str, tuple[str, str]]:
+    """{run id: (job id, state)} of the runs whose job (submitted from this output folder, named
+    ``name``: a job id Slurm gave out again is not taken for ours) is still in ``squeue``."""
     d = _manifest_dir(folder)
     if not d.is_dir():
         return {}
@@ -353,7 +355,8 @@ def queued_runs(folder: Path) -> dict[str, tuple[str, str]]:
     if not known:
         return {}
     queued = queued_jobs()
-    return {run_id: (job_id, queued[job_id]) for job_id, run_id in known.items() if job_id in queued}
+    return {run_id: (job_id, queued[job_id][0]) for job_id, run_id in known.items()
+            if job_id in queued and queued[job_id][1] == name}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,7 +412,7 @@ def run_slurm(loaded, registry, args) -> int:
     executor = make_executor(submitit, folder / "%j", cluster, params)  # checked before submitting
 
     view = GridView(loaded, registry, args.retry_diverged, args.run_id)
-    queued = queued_runs(folder) if on_slurm else {}
+    queued = queued_runs(folder, str(params["name"])) if on_slurm else {}
     skipped: list[tuple[object, str]] = []
     todo = []
     for spec in view.specs:
