@@ -8,8 +8,8 @@ the page sorts and plots by (mean, interval, paper and published numbers, best a
 are the long-form CSV rows. No statistic is computed here. The runs behind every cell (the
 frames of :func:`kdbench.leaderboard.records.collect`) are listed with their status, their
 per-epoch curves (read from each ``record.json``), a relative link to the record and the
-command that trains them again. The page's script (``assets/page.js``) sorts the tables and
-draws a run's curves when its cell is opened.
+command that trains them again. ``assets/page.html`` is the page around them, its script
+(``page.js``) sorts the tables and draws a run's curves when its cell is opened.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def write_html(path: Path, runs_dir: Path, tables: list, df: pd.DataFrame, tdf: 
         # "</" cannot end the script element early inside a JSON string.
         "data": json.dumps(runs, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")}
     # Placeholders filled in one pass (the CSS and the script are full of braces).
-    page = re.sub(r"@@(\w+)@@", lambda m: fill[m.group(1)], _PAGE)
+    template = assets.joinpath("page.html").read_text(encoding="utf-8")
+    page = re.sub(r"@@(\w+)@@", lambda m: fill[m.group(1)], template)
     atomic_write_bytes(path, page.encode("utf-8"))
     return path
 
@@ -399,21 +400,3 @@ _CURVE_LEGEND = ('<p class="legend">Curves: '
                  + _swatch('<line class="s-val" x1="1" x2="21" y1="7" y2="7"/>') + ' val '
                  + _swatch('<line class="s-test" x1="1" x2="21" y1="7" y2="7"/>') + ' test; the loss '
                  'axis is logarithmic when the losses span more than a factor 20.</p>')
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>kdbench leaderboard</title>
-<style>@@css@@</style></head>
-<body>
-<header><h1>kdbench leaderboard</h1>
-<p>Runs of <code>@@runs_dir@@</code>, top-1 at the <strong>@@metric@@</strong> epoch; the same numbers
-as <a href="leaderboard.md">leaderboard.md</a> and <a href="leaderboard.csv">leaderboard.csv</a>
-(both metrics). Tables: </p><ul class="toc">@@toc@@</ul></header>
-<main>
-@@sections@@
-</main>
-<script type="application/json" id="runs-data">@@data@@</script>
-<script>@@js@@</script>
-</body></html>
-"""
