@@ -41,12 +41,16 @@ def stable_tuple_loss(za, zp, negs):
 # --------------------------------------------------------------------------------------------
 # representation
 # --------------------------------------------------------------------------------------------
-def test_default_is_the_unnormalised_logits_of_algorithm_1():
+def test_default_is_the_normalised_pooled_feature_and_logits_are_unnormalised():
+    """The default is Sec. 4.1's φ (the literal logits did not train: the plugin's docstring);
+    "logits" is Algorithm 1's f as printed, not normalised."""
     for params in (IntraClassParams(), MarginIntraParams()):
-        assert params.embedding == "logits"
+        assert params.embedding == "pooled_normalized"
+    logits, pooled = torch.tensor([[3.0, -4.0, 12.0]]), torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    out = ModelOutput(logits, [], [], pooled)
     obj = IntraClass(IntraClassParams(), setup_for(OneConvNet(C, 4)))
-    logits = torch.tensor([[3.0, -4.0, 12.0]])
-    out = ModelOutput(logits, [], [], torch.ones(1, 4))
+    assert torch.allclose(obj.representation(out), pooled / 5.0)
+    obj = IntraClass(IntraClassParams(embedding="logits"), setup_for(OneConvNet(C, 4)))
     assert torch.equal(obj.representation(out), logits)  # not normalised
     assert obj.representation_name == "logits"
 
@@ -57,7 +61,8 @@ def test_unnormalised_logits_loss_is_stable_and_exact_for_large_logits():
     n = len(y)
     l1 = torch.randn(n, C, generator=g) * 300  # s up to ~1e5: exp(s) overflows any float
     l2 = l1 + torch.randn(n, C, generator=g) * 30
-    obj = IntraClass(IntraClassParams.model_validate({"lambda": 1.0}), setup_for(OneConvNet(C, 4)))
+    obj = IntraClass(IntraClassParams.model_validate({"lambda": 1.0, "embedding": "logits"}),
+                     setup_for(OneConvNet(C, 4)))
     batch = Batch(x=torch.zeros(n, 3, S, S), y=y, index=torch.arange(n))
     t = obj(ModelOutput(l1, [], [], None), batch, {"second": ModelOutput(l2, [], [], None)}, None)
     views = [l1.double().numpy(), l2.double().numpy()]

@@ -96,7 +96,7 @@ def test_lambda_sweep_recipes(registry, name, counts):
                    if t.spec["objective"]["name"] == "margin_intra"})
     assert lams == [0.0, 0.01, 0.02, 0.03, 0.05, 0.1]
     assert {t.spec["objective"]["params"]["embedding"] for t in teachers
-            if t.spec["objective"]["name"] == "margin_intra"} == {"logits"}
+            if t.spec["objective"]["name"] == "margin_intra"} == {"pooled_normalized"}
     for s in students:  # every student is the same KD on its teacher
         assert [(m["name"], m["weight"]) for m in s.spec["methods"]] == [("ce", 0.1), ("kd", 0.9)]
     if name.startswith("cifar100"):  # λ = 0.02 and CE: the paper recipe's teachers (one cache)

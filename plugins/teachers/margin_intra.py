@@ -69,8 +69,9 @@ Defaults (the paper gives neither δ nor the pipeline length):
   * P = 16: with the paper's batch of 256, a CIFAR-100 class contributes ≈ 2.6 samples a step
     (Tiny-ImageNet ≈ 1.3), too few negatives (the problem Sec. 3.3 describes); 16 cached samples
     give every anchor 30 same-class negatives, and a class fills in roughly 6–25 steps.
-Other defaults and the representation f (``embedding``, default the unnormalised logits, as
-Algorithm 1; the range of s for each choice) as ``intra_class``: λ = 0.02, τ = 1.
+Other defaults and the representation f (``embedding``: default the normalised pooled feature;
+the unnormalised logits of Algorithm 1 are an option that did not train in our measurements;
+the range of s for each choice) as ``intra_class``: λ = 0.02, τ = 1.
 
 Caveats / costs:
   * One host synchronisation per step: deciding whether anything flushes (and gathering a
@@ -112,7 +113,7 @@ class MarginIntraParams(Params):
     delta: float = Field(0.5, ge=-1, lt=1, description="margin threshold δ: anchors need ρ > δ")
     pipeline_size: int = Field(16, ge=0, description="per-class samples cached before L_Intra "
                                "is computed (0 = no cache, gate within the batch)")
-    embedding: Embedding = Field("logits", description=EMBEDDING_HELP)
+    embedding: Embedding = Field("pooled_normalized", description=EMBEDDING_HELP)
     temperature: float = Field(1.0, gt=0, description="τ in exp(s/τ); 1 = the paper's Eq. 4")
 
     _renamed = field_validator("embedding", mode="before")(renamed_embedding)
