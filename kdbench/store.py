@@ -109,24 +109,22 @@ def read_json(path: Path) -> dict | None:
 
 
 def check_writable(folder: Path, what: str, fix: str) -> None:
-    """Make ``folder`` if it is missing and write (then remove) a probe file in it; a
-    :class:`StoreError` naming ``what`` (e.g. "output folder"), the folder, why and ``fix``
-    otherwise. Run before any training, so an unwritable output is one line, not a traceback."""
+    """Whether files can be written in ``folder``, made as needed: a probe file is written (and
+    removed) in it, or in its nearest existing parent if it does not exist yet (nothing is
+    made). A :class:`StoreError` naming ``what`` (e.g. "output folder"), the folder, why and
+    ``fix`` otherwise. Run before any training, so an unwritable output is one line."""
     folder = Path(folder)
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        why = "it is a file, not a folder" if existing == folder else f"{existing} is a file, not a folder"
+        raise StoreError(f"{what} {folder}: {why}; {fix}")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".kdbench-write-check.", suffix=".tmp", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".kdbench-write-check.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        file_on_path = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
-        if file_on_path == folder:
-            why = "it is a file, not a folder"
-        elif file_on_path is not None:
-            why = f"{file_on_path} is a file, not a folder"
-        else:
-            why = f"cannot write there ({exc.strerror or exc})"
-        raise StoreError(f"{what} {folder}: {why}; {fix}") from None
+        reason = "files cannot be made there" if exc.errno == errno.ENOENT else exc.strerror or exc
+        raise StoreError(f"{what} {folder}: cannot write there ({reason}); {fix}") from None
 
 
 def remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> list[Path]:
