@@ -15,6 +15,7 @@ from typing import Callable
 
 from kdbench.engine.locks import RunLock
 from kdbench.engine.recorder import RunRecorder, Summary
+from kdbench.store import StoreError
 
 WAIT_POLL_S = 2.0  # how often a process waiting for another one's run looks again
 
@@ -62,7 +63,11 @@ class RunQueue:
             if not ckpt.has_checkpoints():
                 continue
             lock = self.lock(spec)
-            if lock.try_acquire():
+            try:
+                held = lock.try_acquire()
+            except StoreError:  # a read-only teacher cache: its leftovers are not ours to tidy
+                continue
+            if held:
                 with lock:
                     if self.store.status(spec.kind, spec.id) in ("done", "diverged"):
                         ckpt.clear()
