@@ -184,7 +184,7 @@ REFERENCE = {"table": None, "dataset": None, "file": None, "literature": LIT}
 def test_leaderboard_shows_the_published_numbers_their_delta_and_protocols(tmp_path):
     runs = tmp_path / "runs"
     write_crd_runs(runs, REFERENCE)
-    md_path, csv_path = write_leaderboard(runs, tmp_path / "lb", plot=False)
+    md_path, csv_path, *_ = write_leaderboard(runs, tmp_path / "lb", plot=False)
     md = md_path.read_text()
     cells = md_cells(md)
     p1 = {k: v[0] for k, v in cells.items() if k in ROWS or k.startswith("Teacher")}

@@ -45,7 +45,6 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
     for c in INT_COLUMNS:  # counts stay integers next to empty fields
         long[c] = long[c].astype("Int64")
     atomic_write_bytes(written[1], long.to_csv(index=False).encode())
-    written.append(write_html(out_dir / "index.html", runs_dir, tables, df, tdf, metric))
     if plot:
         from kdbench.plot import MissingMatplotlib, write_plot
 
@@ -58,6 +57,8 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
     from kdbench.param_plot import write_sweeps  # sweeps.md/.png where a teacher parameter varies
 
     written += write_sweeps(df, tdf, out_dir, plot=plot)
+    # Last, so that the files before keep their places in the list.
+    written.append(write_html(out_dir / "index.html", runs_dir, tables, df, tdf, metric))
     return written
 
 
