@@ -1,6 +1,7 @@
-"""Issue 15: the teacher objectives' representation choices (Eq. 4 on the unnormalised logits by
-default), the margin pipeline's BatchNorm-safe re-encoding and its one forward per image per
-step, through the engine's own TeacherTask and train_step. References are plain Python loops."""
+"""Issue 15: the teacher objectives' representation choices, the margin pipeline's BatchNorm-safe
+re-encoding (the step's view-0 batch statistics, running statistics untouched) and its one
+forward per image per step, through the engine's own TeacherTask and train_step. References are
+plain Python loops."""
 from __future__ import annotations
 
 import copy
@@ -149,9 +150,10 @@ def test_flush_leaves_batchnorm_running_statistics_as_a_step_without_one():
     assert a.bn.training and b.bn.training  # train mode is back after the re-encoding
 
 
-def test_flushed_group_is_encoded_with_running_statistics():
-    """The intra term equals Eq. 4 on eval-mode BatchNorm embeddings of the flushed images (not
-    normalised with the group's own statistics, which give another value)."""
+def test_flushed_group_is_normalised_with_the_steps_view0_batch_statistics():
+    """The intra term equals Eq. 4 on embeddings of the flushed images whose BatchNorm used the
+    mean and biased variance of this step's view-0 batch — not the group's own statistics, not
+    the running statistics (both give other values, checked)."""
     torch.manual_seed(2)
     model = OneConvNet(C, 5)
     with torch.no_grad():  # running statistics far from any batch's own
@@ -159,15 +161,26 @@ def test_flushed_group_is_encoded_with_running_statistics():
         model.bn.running_var.uniform_(0.5, 3)
     task = margin_task(model, pipeline_size=2, embedding="pooled_normalized", **{"lambda": 1.0})
     b0, b1 = batch_of(3, n=3), batch_of(4, n=3)
+    b0.x.mul_(3).add_(2)  # cached images unlike view 0's: the group's statistics differ
+    b0.views["second"].mul_(3).add_(2)
     task.loss_terms(b0)  # caches one sample per class
     terms, _ = task.loss_terms(b1)  # every class flushes: groups (b0[i], b1[i])
+    imgs = torch.cat([b0.x, b1.x, b0.views["second"], b1.views["second"]])  # (12, ...)
 
-    def reference(train_mode_bn: bool):
-        imgs = torch.cat([b0.x, b1.x, b0.views["second"], b1.views["second"]])  # (12, ...)
-        model.train(train_mode_bn)
+    def reference(stats: str):
         with torch.no_grad():
-            z = torch.nn.functional.normalize(model(imgs).pooled.double(), dim=1).numpy()
-        model.train()
+            h = model.conv(imgs).double()
+            if stats == "view0":
+                ref = model.conv(b1.x).double()
+                mean, var = ref.mean((0, 2, 3)), ref.var((0, 2, 3), unbiased=False)
+            elif stats == "own":
+                mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+            else:
+                mean, var = model.bn.running_mean.double(), model.bn.running_var.double()
+            shape = (1, -1, 1, 1)
+            h = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + model.bn.eps)
+            h = h * model.bn.weight.double().view(shape) + model.bn.bias.double().view(shape)
+            z = torch.nn.functional.normalize(torch.relu(h).mean((2, 3)), dim=1).numpy()
         v0, v1 = z[:6], z[6:]
         losses = []
         for k in range(3):  # group k: samples k (b0) and 3 + k (b1)
@@ -178,9 +191,27 @@ def test_flushed_group_is_encoded_with_running_statistics():
                     losses.append(stable_tuple_loss(v[i], w[i], negs))
         return sum(losses) / len(losses)
 
-    want = reference(train_mode_bn=False)
+    want = reference("view0")
     assert terms["intra"].item() == pytest.approx(want, rel=1e-5)
-    assert abs(reference(train_mode_bn=True) - want) > 1e-3  # the check can tell them apart
+    for other in ("own", "running"):  # the check can tell them apart
+        assert abs(reference(other) - want) > 1e-3, other
+    assert model.bn.training
+
+
+def test_re_encoding_is_invariant_to_the_scale_of_pre_batchnorm_activations():
+    """As train-mode BatchNorm (and unlike running statistics): scaling the conv that feeds the
+    BatchNorm leaves the intra term unchanged."""
+    def intra(scale):
+        torch.manual_seed(5)
+        model = OneConvNet(C, 5)
+        with torch.no_grad():
+            model.conv.weight.mul_(scale)
+            model.conv.bias.mul_(scale)
+        task = margin_task(model, pipeline_size=2, embedding="pooled_normalized")
+        task.loss_terms(batch_of(7, n=3))
+        return task.loss_terms(batch_of(8, n=3))[0]["intra"].item()
+
+    assert intra(1.0) > 0 and intra(7.0) == pytest.approx(intra(1.0), rel=1e-4)
 
 
 @pytest.mark.parametrize("size,second_forwarded", [(2, False), (0, True)])
