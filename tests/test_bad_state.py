@@ -6,6 +6,7 @@ lists what it leaves out instead of dropping it."""
 from __future__ import annotations
 
 import copy
+import html
 import errno
 import json
 import os
@@ -147,6 +148,8 @@ def test_a_bad_record_is_listed_by_the_leaderboard_and_trained_again(runs, golde
     assert f"left out {path}: {why}" in err and "Traceback" not in err
     assert f"`students/{kd}/record.json`: {why}" in md
     assert re.search(r"^\| KD \|", md, re.M) is None, "the bad record is not counted"
+    page = (out.parent / "lb" / "index.html").read_text()
+    assert f"<code>students/{kd}/record.json</code>: {html.escape(why)}" in page  # and on the page
 
     err = _run(capsys, recipe, out)
     assert f"{path}: {why}" in err and "training it again" in err

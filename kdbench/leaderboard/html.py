@@ -34,8 +34,10 @@ STATUS_TEXT = {"done": "done", "failed": "failed", "diverged": "diverged", "inte
 
 
 def write_html(path: Path, runs_dir: Path, tables: list, df: pd.DataFrame, tdf: pd.DataFrame,
-               metric: str) -> Path:
-    """Writes the page for ``tables`` (build_tables' output at ``metric``) to ``path``."""
+               metric: str, unreadable: list[tuple[str, str]] | None = None) -> Path:
+    """Writes the page for ``tables`` (build_tables' output at ``metric``) to ``path``;
+    ``unreadable`` (path, why) are the records left out, listed above the tables as in the
+    markdown, so that a row never vanishes from the page without a word either."""
     path, runs_dir = Path(path), Path(runs_dir)
     runs: dict[str, dict] = {}
     sections = [_section(i, title, md, rows, df, tdf, metric, runs_dir, path.parent, runs)
@@ -46,6 +48,7 @@ def write_html(path: Path, runs_dir: Path, tables: list, df: pd.DataFrame, tdf: 
         "js": assets.joinpath("page.js").read_text(encoding="utf-8"),
         "runs_dir": _e(str(runs_dir)), "metric": _e(metric),
         "toc": "".join(f'<li><a href="#t{i}">{_e(t)}</a></li>' for i, (t, _, _) in enumerate(tables)),
+        "unreadable": _unreadable_html(unreadable or []),
         "sections": "\n".join(sections),
         # "</" cannot end the script element early inside a JSON string.
         "data": json.dumps(runs, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")}
@@ -54,6 +57,15 @@ def write_html(path: Path, runs_dir: Path, tables: list, df: pd.DataFrame, tdf: 
     page = re.sub(r"@@(\w+)@@", lambda m: fill[m.group(1)], template)
     atomic_write_bytes(path, page.encode("utf-8"))
     return path
+
+
+def _unreadable_html(bad: list[tuple[str, str]]) -> str:
+    if not bad:
+        return ""
+    items = "".join(f"<li><code>{_e(p)}</code>: {_e(why)}</li>" for p, why in bad)
+    return (f'<section class="unreadable"><p class="bad">{len(bad)} record(s) cannot be used and '
+            "are left out (<code>kdbench run</code> trains those runs again, keeping the bad file "
+            f"beside as <code>record.json.corrupt-&lt;time&gt;</code>):</p><ul>{items}</ul></section>")
 
 
 # ------------------------------------------------------------------ the markdown, read back

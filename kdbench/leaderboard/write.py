@@ -58,7 +58,8 @@ def write_leaderboard(runs_dir: Path, out_dir: Path, metric: str | None = None,
 
     written += write_sweeps(df, tdf, out_dir, plot=plot)
     # Last, so that the files before keep their places in the list.
-    written.append(write_html(out_dir / "index.html", runs_dir, tables, df, tdf, metric))
+    written.append(write_html(out_dir / "index.html", runs_dir, tables, df, tdf, metric,
+                              unreadable=notes.get("unreadable")))
     return written
 
 
