@@ -24,6 +24,8 @@ Measured on the shared 2-core CPU machine (load 6-10; VGG13 ×0.5 as recipes/fas
 batch 64, 10 classes, one thread, 8 warm-up and 8 timed rounds, 8 minutes): CE 3262 ms;
 margin δ = -1 (every sample passes, 58 flushed groups): 9566 ms forwarded, 8712 queued (× 0.91);
 margin δ = 0.5 (nothing passes): 4336 ms forwarded, 3173 queued (× 0.73, = the CE step).
+(Measured at commit 8feff2c, when the re-encoding still used the running statistics; since
+then each BatchNorm layer also saves view 0's mean and variance every step, a small extra.)
     python benchmarks/margin_step.py --device cpu --threads 1 --width-mult 0.5 --batch 64 --steps 8 --warmup 8
 GPU:
     python benchmarks/margin_step.py --device cuda --teacher wrn_40_2 --batch 256 --steps 30
