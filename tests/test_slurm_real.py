@@ -16,56 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kdbench_cmd, kdbench_env, read_records, run_kdbench
+from conftest import kdbench_cmd, kdbench_env, read_records, run_kdbench, write_tiny_recipe
 from slurm_cluster import missing, slurm_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 TEACHER_STEPS_PER_EPOCH = 60  # 4 classes x 240 images / batch 16
-RECIPE = """\
-name = "slurm-real"
-output = "{output}"
-device = "cpu"
-seeds = [0]
-
-[dataset]
-name = "synthetic"
-num_classes = 4
-train_per_class = 240
-test_per_class = 6
-image_size = 16
-
-[[pairs]]
-teacher = {{ name = "wrn_16_2", width_mult = 0.25 }}
-student = {{ name = "wrn_16_2", width_mult = 0.25 }}
-label = "T→S"
-ref_teacher = "WRN-40-2"
-ref_student = "WRN-16-2"
-
-[[teacher_objectives]]
-name = "ce"
-ref_teacher = true
-
-[[method_sets]]
-label = "KD"
-ref_method = "KD"
-methods = [{{ name = "ce", weight = 0.1 }}, {{ name = "kd", weight = 0.9 }}]
-
-[reference]
-table = "Table 1"
-dataset = "CIFAR-100"
-
-[teacher_schedule]
-epochs = 2
-batch_size = 16
-lr = 0.05
-milestones = [1]
-
-[student_schedule]
-epochs = 1
-batch_size = 16
-lr = 0.05
-"""
+# The tiny recipe with more training images (a 60-step epoch: room to stop mid-epoch) and KD alone.
+TRAIN_PER_CLASS = 240
+KD_ONLY = [{"label": "KD", "ref_method": "KD",
+            "methods": [{"name": "ce", "weight": 0.1}, {"name": "kd", "weight": 0.9}]}]
 SUBMIT = ("--launcher", "slurm", "--checkpoint-every", "10", "--plain",
           "--slurm-param", "timeout_min=10", "--slurm-param", "slurm_max_num_timeout=5")
 
@@ -80,9 +40,8 @@ def cluster():
 
 
 def _recipe(folder: Path) -> Path:
-    path = folder / "recipe.toml"
-    path.write_text(RECIPE.format(output=(folder / "runs").as_posix()), encoding="utf-8")
-    return path
+    return write_tiny_recipe(folder / "recipe.toml", name="slurm-real", output=folder / "runs",
+                             dataset={"train_per_class": TRAIN_PER_CLASS}, method_sets=KD_ONLY)
 
 
 def _wait(what: str, cond, cluster, timeout: float = 240):
