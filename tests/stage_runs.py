@@ -6,7 +6,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from kdbench.cli import main
+
+
+def pair_outputs(student, teacher, x):
+    """The student's outputs in train mode and the teacher's in eval mode without gradient, as a
+    training step makes them."""
+    student.train(), teacher.eval()
+    s_out = student(x)
+    with torch.no_grad():
+        t_out = teacher(x)
+    return s_out, t_out
 
 
 def stage_recipe(tiny_recipe, name: str, method: str, output: Path, checkpoint_every_steps: int = 0):

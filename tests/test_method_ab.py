@@ -18,7 +18,7 @@ from torch import nn
 
 from kdbench.api import ModelOutput, UserError
 from kdbench_plugins.students.ab import AB, ABParams, Connector
-from stage_runs import run as run_recipe, stage_recipe, student_record
+from stage_runs import pair_outputs, run as run_recipe, stage_recipe, student_record
 from stand_ins import batch, batch_of, make_pair, make_setup, setup_from_nets
 
 torch.set_num_threads(1)
@@ -95,10 +95,8 @@ def test_connected_loss_matches_a_plain_loop_on_the_connector_outputs():
     student, teacher = make_pair(seed=1, s_chans=(3, 4), t_chans=(5, 6), s_strides=(2, 2), t_strides=(1, 2))
     method = AB(ABParams(), setup_from_nets(student, teacher))
     x = torch.randn(4, 3, 8, 8)
-    student.train(), method.train(), teacher.eval()
-    s_out = student(x)
-    with torch.no_grad():
-        t_out = teacher(x)
+    method.train()
+    s_out, t_out = pair_outputs(student, teacher, x)
     got = method.stage_loss(s_out, t_out, batch(x))["ab"].item()
     sources = [c(f).detach().numpy() for c, f in zip(method.connectors, s_out.preact_feats[1:])]
     targets = [c.target(f).numpy() for c, f in zip(method.connectors, t_out.preact_feats[1:])]
@@ -113,10 +111,7 @@ def test_init_stage_trains_connectors_and_student_features_only():
     assert stage.modules[0] is method.connectors and stage.modules[1] is student
     assert not any(p is q for p in method.parameters() for q in student.parameters())
     x = torch.randn(4, 3, 8, 8)
-    student.train()
-    s_out = student(x)
-    with torch.no_grad():
-        t_out = teacher(x)
+    s_out, t_out = pair_outputs(student, teacher, x)
     terms = stage.loss(s_out, t_out, batch(x))
     assert set(terms) == {"ab"}
     terms["ab"].backward()

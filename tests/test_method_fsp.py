@@ -16,7 +16,7 @@ import torch
 
 from kdbench.api import ModelOutput, UserError
 from kdbench_plugins.students.fsp import FSP, FSPParams
-from stage_runs import run as run_recipe, stage_recipe, student_record
+from stage_runs import pair_outputs, run as run_recipe, stage_recipe, student_record
 from stand_ins import adaptive_avg_pool_np, batch, batch_of, make_pair, make_setup, setup_from_nets
 
 torch.set_num_threads(1)
@@ -99,10 +99,7 @@ def test_init_stage_trains_the_student_features_only():
     assert (stage.epochs, stage.lr, stage.student_train_mode) == (3, None, True)
     assert stage.modules == [student] and list(method.parameters()) == []
     x = torch.randn(4, 3, 8, 8)
-    student.train()
-    s_out = student(x)
-    with torch.no_grad():
-        t_out = teacher(x)
+    s_out, t_out = pair_outputs(student, teacher, x)
     terms = stage.loss(s_out, t_out, batch(x))
     assert set(terms) == {"fsp"}
     terms["fsp"].backward()

@@ -21,7 +21,7 @@ from torch import nn
 
 from kdbench.api import ModelOutput, UserError
 from kdbench_plugins.students.ft import FT, FTParams, ft_loss
-from stage_runs import run as run_recipe, stage_recipe, student_record
+from stage_runs import pair_outputs, run as run_recipe, stage_recipe, student_record
 from stand_ins import adaptive_avg_pool_np, batch, make_pair, make_setup, setup_from_nets
 
 torch.set_num_threads(1)
@@ -94,10 +94,8 @@ def test_modules_follow_the_reference_layers():
 def test_main_loss_and_gradients():
     student, teacher, method = _nets(2)
     x = torch.randn(4, 3, 8, 8)
-    student.train(), method.train(), teacher.eval()
-    s_out = student(x)
-    with torch.no_grad():
-        t_out = teacher(x)
+    method.train()
+    s_out, t_out = pair_outputs(student, teacher, x)
     terms = method(s_out, t_out, batch(x), {})
     assert set(terms) == {"ft"}
     fs = method.translator(s_out.feats[-1]).detach().numpy().astype(np.float64)
