@@ -16,11 +16,16 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     # Everything heavy (torch comes with kdbench.api) is imported inside: a Ctrl-C in the
-    # first second, while it loads, is the same one line as later.
+    # first second, while it loads, is held until the imports are done, then the same one line
+    # as later (kdbench.engine.signals: raised inside torch's import it can abort Python).
+    from kdbench.engine.signals import catch_early_interrupts, raise_if_interrupted, restore_interrupts
+
+    previous = catch_early_interrupts()
     try:
         from kdbench.api import UserError
 
         parser = _parser()
+        raise_if_interrupted()
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
             parser.print_help()
@@ -33,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdbench: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore_interrupts(previous)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,14 @@ The job's task starts the run with these signals blocked (:mod:`kdbench.launcher
 that one arriving while Python and torch load is held, not fatal: entering :class:`StopSignals`
 installs the handlers and then unblocks them, and a signal held since then is handled at once
 (the run stops before its first step).
+
+Before :class:`StopSignals` takes over, a Ctrl-C is remembered (:func:`catch_early_interrupts`).
+While kdbench imports torch it is only remembered and acted on once the imports
+are done (:func:`raise_if_interrupted`): a KeyboardInterrupt raised inside a C extension's
+initialisation can abort the interpreter (seen: SIGABRT inside ``import torch``), and one raised
+inside a library's bare ``except:`` is swallowed. From then on it raises KeyboardInterrupt as
+Python's own handler does, and is still remembered, so that one swallowed later stops the grid
+before its first step.
 """
 from __future__ import annotations
 
@@ -23,6 +31,42 @@ import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 LAUNCHER_ENV = "KDBENCH_LAUNCHER"  # (kdbench.launchers.LAUNCHER_ENV; not imported: keep this light)
+
+
+_early_interrupts: list[int] = []
+_raise_early = [False]  # False while importing: remember only
+
+
+def _remember(signum, frame):
+    _early_interrupts.append(signum)
+    if _raise_early[0]:
+        raise KeyboardInterrupt
+
+
+def catch_early_interrupts():
+    """From the start of a command: remember every Ctrl-C, raising nothing until
+    :func:`raise_if_interrupted`. A SIGINT that was ignored when the process started (a
+    background job) stays ignored. Returns the handler to restore when the command ends."""
+    _early_interrupts.clear()
+    _raise_early[0] = False
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is threading.main_thread() and previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _remember)
+    return previous
+
+
+def raise_if_interrupted() -> None:
+    """The imports are done: KeyboardInterrupt if a Ctrl-C came meanwhile; later ones raise at
+    once (and are remembered)."""
+    _raise_early[0] = True
+    if _early_interrupts:
+        raise KeyboardInterrupt
+
+
+def restore_interrupts(previous) -> None:
+    if signal.getsignal(signal.SIGINT) is _remember:
+        signal.signal(signal.SIGINT, previous)
+    _early_interrupts.clear()
 
 
 class StopSignals:
@@ -54,6 +98,8 @@ class StopSignals:
               f"writing a checkpoint ({again})", file=sys.stderr, flush=True)
 
     def __enter__(self):
+        if _early_interrupts and self.signum is None:
+            self.signum = _early_interrupts[0]  # pressed before, swallowed on the way: stop now
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
