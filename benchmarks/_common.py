@@ -116,6 +116,14 @@ def registry():
     return _REGISTRY
 
 
+def has_init_stage(registry, name: str) -> bool:
+    """The student method overrides StudentMethod.init_stage (the base declares no stage)."""
+    from kdbench.api import StudentMethod
+
+    factory = registry.find("student_method", name).factory
+    return isinstance(factory, type) and factory.init_stage is not StudentMethod.init_stage
+
+
 def model_spec(name: str, width_mult: float) -> dict:
     return {"name": name, "params": {"width_mult": PUBLISHED_WIDTH.get(name, 1.0) * width_mult}}
 

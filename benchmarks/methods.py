@@ -104,7 +104,7 @@ def run_child(cfg: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from kdbench.api import ImageData, StudentMethod
+    from kdbench.api import ImageData
     from kdbench.engine.loop import make_optimizer, train_step
     from kdbench.engine.tasks import InitTask
     from kdbench.engine.reproducibility import data_generator, seed_everything
@@ -160,15 +160,10 @@ def run_child(cfg: dict) -> dict:
         loss, terms, _ = train_step(task, next(it), optimizer, device, cfg["precision"])
         return loss.detach(), terms
 
-    def has_stage(name):
-        """The method overrides StudentMethod.init_stage (the base declares no stage)."""
-        factory = registry.find("student_method", name).factory
-        return isinstance(factory, type) and factory.init_stage is not StudentMethod.init_stage
-
     rows = []
     for name in cfg["methods"]:
         rows.append((name, name, False))
-        if has_stage(name):
+        if C.has_init_stage(registry, name):
             rows.append((f"{name} {INIT_SUFFIX}", name, True))
 
     results, live = {}, {}

@@ -5,7 +5,10 @@ For each teacher -> student pair, every registered student method (default param
 in the engine's ``StudentTask`` from ``tasks.build_student_task``; teacher frozen) and every
 registered teacher objective (``TeacherTask`` from ``tasks.build_teacher_task``; plus
 margin_intra with every sample passing the gate, with the per-class pipeline P=2 and in-batch,
-so that its contrastive paths really compute) takes ONE training step,
+so that its contrastive paths really compute) takes ONE training step — a method with an
+initialisation stage (AB, FT, FSP) also one step of that stage, as the engine runs it
+(``tasks.InitTask``: row ``<method> [init stage]``); AB's and FSP's main rows are skipped, as
+those methods have no main-schedule term —
 ``loop.train_step`` (autocast, forward, loss terms, backward, the optimizer of
 ``loop.make_optimizer``: fused SGD on CUDA, foreach on the CPU), in a reference and a candidate
 configuration. Compared: every loss term, the gradient of the student (of the teacher, for a
@@ -184,13 +187,17 @@ class Pair:
 def build_task(pair, kind, name, params, cfg, ref_state=None, negatives=None):
     """The engine's task for one plugin in ``cfg`` (module weights from ``ref_state``)."""
     torch.manual_seed(1)
-    if kind == "student":
+    if kind in ("student", "student-init"):
         teacher = C.freeze(pair.net(pair.t_name, pair.teacher_state, cfg))
         student = pair.net(pair.s_name, pair.student_state, cfg)
         task = C.student_task(student, teacher, cfg.data, cfg.device, methods=[(name, 1.0, params)],
                               precision=cfg.precision)
         module = task.methods[0][2]
         model = student
+        if kind == "student-init":  # the method's initialisation stage, as the engine runs it
+            from kdbench.engine.tasks import InitTask
+
+            task = InitTask(student, teacher, module.init_stage())
     else:
         model = pair.net(pair.t_name, pair.teacher_state, cfg)
         task = C.teacher_task(model, (name, params), cfg.data, cfg.device)
@@ -203,6 +210,18 @@ def build_task(pair, kind, name, params, cfg, ref_state=None, negatives=None):
         neg = negatives.to(cfg.device)
         module.sample_negatives = lambda idx, generator=None: neg
     return task, model, module
+
+
+class NothingToCompare(Exception):
+    """The plugin's step has nothing of its own to compare (its row is skipped, and says why)."""
+
+
+def main_terms(task, batch) -> bool:
+    """Whether a student task's main-schedule step has any loss term (probed without gradient,
+    on a task built only for this)."""
+    with torch.no_grad():
+        terms, _ = task.loss_terms(batch)
+    return bool(terms)
 
 
 def classifier(model):
@@ -343,6 +362,8 @@ def main(argv=None) -> int:
     reg = C.registry()
     only = None if args.only is None else {s.strip() for s in args.only.split(",")}
     plugins = [("student", n, {}, n) for n in reg.names("student_method")]
+    plugins += [("student-init", n, {}, f"{n} [init stage]") for n in reg.names("student_method")
+                if C.has_init_stage(reg, n)]
     plugins += [("teacher", n, {}, n) for n in reg.names("teacher_objective")]
     plugins += [("teacher", n, p, label) for label, (n, p) in TEACHER_VARIANTS.items()
                 if n in reg.names("teacher_objective")]
@@ -362,6 +383,10 @@ def main(argv=None) -> int:
                 terms_shown = ""
                 try:
                     task, model, module = build_task(pair, kind, name, params, cfgs["ref"])
+                    if kind == "student" and C.has_init_stage(reg, name) and not main_terms(task, cfgs["ref"].batch(batch)):
+                        results = {c: failed("no main-schedule term (it trains in its init stage: "
+                                             "see that row)", ok=True, skipped=True) for c in checks}
+                        raise NothingToCompare
                     state = copy.deepcopy(module.state_dict())
                     negatives = None
                     if hasattr(module, "sample_negatives"):  # CRD: draw once, hand to every config
@@ -371,6 +396,8 @@ def main(argv=None) -> int:
                     ref = one_step(task, model, batch, cfgs["ref"])
                     terms_shown = ", ".join(f"{k}={v:.5g}" for k, v in ref[0].items())
                     del task, model, module
+                except NothingToCompare:
+                    pass
                 except Exception as exc:  # the reference itself failed: every check fails
                     results = {c: failed(f"reference failed: {error_note(exc)}") for c in checks}
                 if not results:
