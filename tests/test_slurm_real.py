@@ -69,7 +69,10 @@ def test_timeout_signal_requeues_resumes_and_matches_inline(cluster, tmp_path):
     assert submit.returncode == 0, submit.stderr
     teacher_job = re.search(r"teachers: job (\d+)", submit.stderr).group(1)
     student_job = re.search(r"students: job (\d+)", submit.stderr).group(1)
-    teacher_dir = next((tmp_path / "runs" / "teachers").iterdir())
+    # The job makes the run's folder when it starts (the submitter creates no run folder).
+    teachers = tmp_path / "runs" / "teachers"
+    teacher_dir = _wait("the teacher's job to start", lambda: teachers.is_dir() and next(teachers.iterdir(), None),
+                        cluster)
     log = teacher_dir / "log.txt"
 
     # A timeout signal mid-epoch, to the job's script only (the hardest path: bash must pass
