@@ -42,13 +42,24 @@ EPOCH, EPOCHS = 20, 240
 WIDTH = {"resnet50": 0.125, "resnet34": 0.125}
 DEFAULT_WIDTH = 0.25
 
-PAIRS = [  # (teacher, student): the CIFAR-100 pairs of the papers' tables
+PAIRS = [  # (teacher, student): the CIFAR-100 pairs of the paper's tables
     ("resnet50", "resnet34"),
     ("wrn_40_2", "wrn_16_2"),
     ("vgg13", "vgg8"),
     ("resnet50", "mobilenetv2"),
     ("vgg13", "mobilenetv2"),
     ("wrn_40_2", "shufflenetv2"),
+]
+PAIRS += [  # the CRD benchmark's other pairs (recipes/crd_benchmark/*.toml)
+    ("wrn_40_2", "wrn_40_1"),
+    ("resnet56", "resnet20"),
+    ("resnet110", "resnet20"),
+    ("resnet110", "resnet32"),
+    ("resnet32x4", "resnet8x4"),
+    ("resnet50", "vgg8"),
+    ("resnet32x4", "shufflenetv1"),
+    ("resnet32x4", "shufflenetv2"),
+    ("wrn_40_2", "shufflenetv1"),
 ]
 # 64 px (Tiny-ImageNet) doubles the grid's time and exercises the same code: CI runs it, the
 # quick loop (-m "not slow") every method and pair at 32 px only.
@@ -77,7 +88,9 @@ STAGE_TERMS = {"ab": {"ab"}, "ft": {"ft_rec"}, "fsp": {"fsp"}}
 # KDSVD compares singular vectors channel by channel: it refuses a pair whose matched stages
 # differ in channels (as its reference breaks on them), with a clear error.
 UNEQUAL_CHANNELS = {("resnet50", "resnet34"), ("resnet50", "mobilenetv2"), ("vgg13", "mobilenetv2"),
-                    ("wrn_40_2", "shufflenetv2")}
+                    ("wrn_40_2", "shufflenetv2"), ("wrn_40_2", "wrn_40_1"), ("resnet50", "vgg8"),
+                    ("resnet32x4", "shufflenetv1"), ("resnet32x4", "shufflenetv2"),
+                    ("wrn_40_2", "shufflenetv1")}
 REFUSES = {"kdsvd": UNEQUAL_CHANNELS, "fsp": UNEQUAL_CHANNELS}  # FSP: the same, its matrices
 
 
@@ -103,8 +116,23 @@ def model_spec(name: str) -> dict:
 
 
 def build_teacher(registry, name: str, train: DeviceData):
-    """As GridRunner.load_teacher (minus the weights file), parameters left requiring grad."""
+    """As GridRunner.load_teacher (minus the weights file), parameters left requiring grad, with
+    BatchNorm running statistics of the tiny data, as a trained teacher has its data's: a random
+    net's identity statistics let a deep teacher's features grow through its residual stages
+    (resnet110: ~4e6 at the last stage), which no trained teacher has and which made FT's
+    reconstruction diverge."""
     model = build_model(registry, model_spec(name), train.num_classes).to(DEVICE)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for x, _ in train.eval_batches(NUM_IMAGES):
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     model.eval()
     return model
 
