@@ -88,12 +88,18 @@ EMBEDDING_HELP = ("f in s = f(x)ᵀf(x'): pooled_normalized (Sec. 4.1's φ; afte
 
 
 def renamed_embedding(value):
-    """``embedding``'s validator: an old value name still works, with a FutureWarning."""
+    """``embedding``'s validator: an old value name still works, with a FutureWarning; the one
+    value whose meaning changed ("logits") says so, because its runs keep their old ids."""
     if isinstance(value, str) and value in RENAMED_EMBEDDINGS:
         new = RENAMED_EMBEDDINGS[value]
         warnings.warn(f'embedding = "{value}" is deprecated: it is now called "{new}" '
                       f'(use embedding = "{new}")', FutureWarning, stacklevel=2)
         return new
+    if value == "logits":
+        warnings.warn('embedding = "logits" now means the unnormalised logits (Eq. 4 as printed); '
+                      'until issue 15 it meant the normalised ones, now "logits_normalized". A run '
+                      'finished under the old meaning has the same id: train it in a new output '
+                      'folder', FutureWarning, stacklevel=2)
     return value
 
 
