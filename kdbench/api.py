@@ -202,9 +202,13 @@ class StudentMethod(nn.Module):
         with ``teacher_logit_cache = true`` serves the teacher's logits from a cache; the
         teacher output the method then gets has empty ``feats``/``preact_feats`` and no
         ``pooled``.
+      * ``revision``: raised when a change makes the same parameters train differently; a
+        nonzero revision is part of the method's run specs (new ids, so a run finished under
+        the old code is not taken for the new one); 0 leaves ids as they were.
     """
 
     needs_teacher: ClassVar[bool] = True
+    revision: ClassVar[int] = 0
     views: ClassVar[tuple[str, ...]] = ()
     default_weight: ClassVar[float] = 1.0
     teacher_train_mode: ClassVar[bool] = False
@@ -251,9 +255,12 @@ class TeacherObjective(nn.Module):
     ``representation(out)``, optional: the embedding f(x) the objective trains (e.g. the logits
     or a projection of the pooled feature); the finished teacher's diagnostics then measure
     Section 4's distances and losses for it too, under ``representation_name``.
+
+    ``revision``: as :class:`StudentMethod`'s (part of the teacher's run spec when nonzero).
     """
 
     views: ClassVar[tuple[str, ...]] = ()
+    revision: ClassVar[int] = 0
 
     def forward(
         self,

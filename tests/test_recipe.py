@@ -1,4 +1,6 @@
 """Recipe validation (every problem at once, with line, key path and a fix) and expansion."""
+from pathlib import Path
+
 import pytest
 
 from kdbench.api import UserError
@@ -131,3 +133,13 @@ def test_method_set_naming_an_unknown_teacher_label(tiny_recipe, registry):
     path = tiny_recipe(extra='[[method_sets]]\nlabel = "X"\nteachers = ["margin"]\nmethods = [{ name = "kd" }]\n')
     with pytest.raises(RecipeError, match="names teacher 'margin'"):
         load_recipe(path, registry)
+
+
+def test_a_plugin_revision_is_in_its_run_specs_only_when_nonzero(registry):
+    """``revision`` (issue 15: intra_class and margin_intra at 1) gives new ids to the runs of a
+    plugin whose training changed; revision 0 (every other plugin) adds nothing to a spec."""
+    teachers, students = expand(load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "smoke.toml", registry), registry)
+    objectives = {t.spec["objective"]["name"]: t.spec["objective"] for t in teachers}
+    assert objectives["margin_intra"]["revision"] == objectives["intra_class"]["revision"] == 1
+    assert "revision" not in objectives["ce"]
+    assert all("revision" not in m for s in students for m in s.spec["methods"])

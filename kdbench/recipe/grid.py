@@ -115,6 +115,12 @@ def resolved(params: Params) -> dict:
     return params.model_dump(mode="json", by_alias=True)
 
 
+def _revision(registry, kind: str, name: str) -> dict:
+    """A plugin's nonzero ``revision`` for its run spec (absent at 0: ids stay as they were)."""
+    revision = getattr(registry.find(kind, name).factory, "revision", 0)
+    return {"revision": revision} if revision else {}
+
+
 def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], list[RunSpec]]:
     """Recipe -> (teacher runs, student runs); pairs × method sets × teacher objectives × seeds.
     A teacher used by several method sets is one run."""
@@ -160,7 +166,8 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                 else:
                     tspec = {**common, "model": t_model,
                              "objective": {"name": registry.canonical_name("teacher_objective", obj.name),
-                                           "params": resolved(obj_params)},
+                                           "params": resolved(obj_params),
+                                           **_revision(registry, "teacher_objective", obj.name)},
                              "schedule": r.teacher_schedule.model_dump(), "seed": tseed}
                 teacher = RunSpec("teacher", tspec, TeacherMeta(
                     **labels, pair=pair.display, pair_index=p,
@@ -171,7 +178,9 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
             sspec = {**common, "model": s_model, "teacher": teacher.id if teacher else None,
                      "methods": [{"name": registry.canonical_name("student_method", t.name),
                                   "weight": _weight(t, registry),
-                                  "params": resolved(tp)} for t, tp in zip(ms.methods, terms)],
+                                  "params": resolved(tp),
+                                  **_revision(registry, "student_method", t.name)}
+                                 for t, tp in zip(ms.methods, terms)],
                      "schedule": student_schedule, "seed": seed}
             students.append(RunSpec("student", sspec, StudentMeta(
                 **labels, pair=pair.display, pair_index=p, method_set=ms.display,

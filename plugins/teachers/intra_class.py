@@ -89,7 +89,7 @@ EMBEDDING_HELP = ("f in s = f(x)ᵀf(x'): pooled_normalized (Sec. 4.1's φ; afte
 
 def renamed_embedding(value):
     """``embedding``'s validator: an old value name still works, with a FutureWarning; the one
-    value whose meaning changed ("logits") says so, because its runs keep their old ids."""
+    value whose meaning changed ("logits") says so (its runs have new ids: ``revision``)."""
     if isinstance(value, str) and value in RENAMED_EMBEDDINGS:
         new = RENAMED_EMBEDDINGS[value]
         warnings.warn(f'embedding = "{value}" is deprecated: it is now called "{new}" '
@@ -97,9 +97,8 @@ def renamed_embedding(value):
         return new
     if value == "logits":
         warnings.warn('embedding = "logits" now means the unnormalised logits (Eq. 4 as printed); '
-                      'until issue 15 it meant the normalised ones, now "logits_normalized". A run '
-                      'finished under the old meaning has the same id: train it in a new output '
-                      'folder', FutureWarning, stacklevel=2)
+                      'until issue 15 it meant the normalised ones, now "logits_normalized"',
+                      FutureWarning, stacklevel=2)
     return value
 
 
@@ -210,6 +209,7 @@ class IntraClassParams(Params):
 
 class IntraClass(TeacherObjective):
     views = ("second",)
+    revision = 1  # issue 15: embedding = "logits" no longer means the normalised logits
 
     def __init__(self, params: IntraClassParams, setup):
         super().__init__()

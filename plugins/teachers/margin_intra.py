@@ -213,6 +213,7 @@ def _input_channels(model: nn.Module) -> int:
 
 class MarginIntra(TeacherObjective):
     views = ("second",)
+    revision = 1  # issue 15: the pipeline re-encodes on view 0's BN statistics, queues view 1
 
     def __init__(self, params: MarginIntraParams, setup):
         super().__init__()
