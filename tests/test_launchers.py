@@ -6,12 +6,13 @@ import json
 import os
 import re
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import kdbench_env, read_records, run_kdbench, write_tiny_recipe
+from conftest import kdbench_cmd, kdbench_env, read_records, run_kdbench, write_tiny_recipe
 from kdbench.api import UserError
 from kdbench.cli import main
 from kdbench.launchers.local import KILL_WORKER_ENV, parse_devices
@@ -166,3 +167,33 @@ def test_slurm_params_parse():
         "timeout_min": 240, "slurm_partition": "gpu", "mem_gb": 7.5, "x": True}
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_params(["timeout_min"])
+
+
+@pytest.mark.slow
+def test_usr2_reaches_the_workers_and_a_rerun_resumes(tmp_path):
+    """A scheduler's warning sent to the pool's parent (inside a Slurm allocation, submitit's
+    USR2) is passed on: the workers checkpoint and stop, the parent exits 128 + signal (not killed
+    by it), and the same command resumes the interrupted runs and finishes the grid."""
+    # Teachers long enough (120 steps) that the signal lands inside one.
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", seeds=(0, 1), teacher_schedule={"epochs": 40})
+    proc = subprocess.Popen(kdbench_cmd("run", recipe, "--launcher", "local", "--workers", "2",
+                                        "--checkpoint-every", "1", "--plain"),
+                            stderr=subprocess.PIPE, text=True, env=kdbench_env())
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "cpu#0: teacher" in line or "cpu#1: teacher" in line:  # a worker is training one
+            proc.send_signal(signal.SIGUSR2)
+            break
+    lines += proc.stderr.readlines()
+    err = "".join(lines)
+    assert proc.wait(timeout=600) == 128 + signal.SIGUSR2, err
+    assert "got SIGUSR2: passing it on to the workers" in err, err
+    assert "exited with status 140" in err and "run the same command again to resume" in err, err
+    stopped = {i: r for i, r in read_records(tmp_path / "runs").items() if r["status"] == "interrupted"}
+    assert stopped and {r["interrupted"]["signal"] for r in stopped.values()} == {"SIGUSR2"}, err
+    rerun = run_kdbench("run", recipe, "--launcher", "local", "--workers", "2", "--plain", timeout=900)
+    assert rerun.returncode == 0, rerun.stderr
+    records = read_records(tmp_path / "runs")
+    assert len(records) == 6 and {r["status"] for r in records.values()} == {"done"}
+    assert all(records[i]["trained_by"]["resumed_from"] is not None for i in stopped), stopped.keys()

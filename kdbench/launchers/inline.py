@@ -38,7 +38,9 @@ def run_inline(args, loaded, registry) -> int:
             print(f"  {label}: {run_id}", file=sys.stderr)
     if summary.signal is not None:
         # Exit like a process killed by the signal would (128 + signal number).
-        print(f"kdbench: stopped by {signal.Signals(summary.signal).name}; the interrupted run "
-              "saved a checkpoint: run the same command again to resume", file=sys.stderr)
+        # (A signal that came during a run's last step lets that run finish: nothing interrupted.)
+        saved = "the interrupted run saved a checkpoint: " if summary.interrupted else ""
+        print(f"kdbench: stopped by {signal.Signals(summary.signal).name}; {saved}run the same "
+              "command again to resume", file=sys.stderr)
         return 128 + summary.signal
     return 1 if summary.failed else 0

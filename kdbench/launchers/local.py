@@ -12,8 +12,9 @@ the same command does).
 
 The parent trains nothing. It watches the run folders (records, and which run locks are held and
 by which worker) and shows one view of the whole grid: runs finished, the run of each device, an
-ETA. Signals it receives (SIGTERM, SIGINT, SIGUSR1) are passed on to the workers, which write a
-checkpoint and stop. Each worker's output goes to ``<output>/logs/worker-<i>.log``.
+ETA. The stop signals it receives (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: :mod:`kdbench.engine.signals`)
+are passed on to the workers, which write a checkpoint and stop. Each worker's output goes to
+``<output>/logs/worker-<i>.log``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from kdbench.api import UserError
 from kdbench.engine.locks import LOCK
+from kdbench.engine.signals import STOP_SIGNALS
 from kdbench.launchers import LAUNCHER_ENV
 from kdbench.recipe import LoadedRecipe, RunSpec, expand
 from kdbench.registry import Registry
@@ -254,7 +256,8 @@ def run_local(loaded: LoadedRecipe, registry: Registry, devices: list[str], pass
             if w.proc.poll() is None:
                 w.proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    # All of the runs' stop signals: inside a Slurm allocation USR2 is submitit's warning.
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     died = []
     try:
         alive = set(range(len(workers)))
