@@ -189,12 +189,31 @@ def _print_plan(runner) -> None:
     print(f"teachers: {len(plan['teachers'])} in the grid, {teachers_done} cached, "
           f"{len(plan['teachers_needed'])} to train")
     for spec, done in plan["teachers"]:
-        print(f"  {'cached' if done else 'train '} {spec.id}  {spec.describe}")
+        print(f"  {'cached' if done else 'train '} {spec.id}  {spec.describe}"
+              + ("" if done else _why_train(runner.store, spec)))
     print(f"students: {len(plan['students'])} in the grid, {students_done} done, "
           f"{len(plan['students']) - students_done} to train")
     for spec, done in plan["students"]:
         print(f"  {'done  ' if done else 'train '} {spec.id}  {spec.describe}"
-              + (f"  [teacher {spec.teacher.id}]" if spec.teacher else ""))
+              + (f"  [teacher {spec.teacher.id}]" if spec.teacher else "")
+              + ("" if done else _why_train(runner.store, spec)))
+
+
+def _why_train(store, spec) -> str:
+    """Why a run that has files is trained (again); "" for one never started."""
+    bad = store.problems(spec.kind, spec.id)
+    if bad:
+        return f"  (again, its bad files set aside first: {bad[0][1]})"
+    rec = store.record(spec.kind, spec.id) or {}
+    status = rec.get("status")
+    if status == "done":  # a teacher whose weights file is gone
+        return f"  (again: {store.weights_problem(spec.id, rec)})"
+    if status == "interrupted":
+        has_ckpt = any(store.run_dir(spec.kind, spec.id).glob("ckpt-*.pt"))
+        return "  (interrupted: " + ("resumes from its last checkpoint)" if has_ckpt else
+                                     "no checkpoint left, starts over)")
+    return {"failed": "  (failed before: trained again)",
+            "diverged": "  (diverged before: trained again, --retry-diverged)"}.get(status or "", "")
 
 
 def cmd_list(args) -> int:

@@ -77,6 +77,13 @@ def _run(capsys, recipe, out, *extra) -> str:
     return err
 
 
+def _dry_run_line(capsys, recipe, out, run_id) -> str:
+    """The line `kdbench run --dry-run` prints for the run."""
+    assert main(["run", str(recipe), "--dry-run", "--output", str(out)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"  train  {run_id}")]
+    return line
+
+
 # ------------------------------------------------------------------------------------------------
 # 7. An output that cannot be written: one line naming the folder and the key, before training
 # ------------------------------------------------------------------------------------------------
@@ -151,6 +158,7 @@ def test_a_bad_record_is_listed_by_the_leaderboard_and_trained_again(runs, golde
     page = (out.parent / "lb" / "index.html").read_text()
     assert f"<code>students/{kd}/record.json</code>: {html.escape(why)}" in page  # and on the page
 
+    assert f"(again, its bad files set aside first: {path}: {why}" in _dry_run_line(capsys, recipe, out, kd)
     err = _run(capsys, recipe, out)
     assert f"{path}: {why}" in err and "training it again" in err
     (aside,) = path.parent.glob("record.json.corrupt-*")
@@ -196,6 +204,7 @@ def test_bad_teacher_weights_are_never_used_the_teacher_is_trained_again(runs, g
     assert store.status("teacher", tid) is None  # not done: its students cannot use it
     (out / "students" / kd / "record.json").unlink()  # a student that needs it
 
+    assert f"its weights file {model_pt} {why}" in _dry_run_line(capsys, recipe, out, tid)
     err = _run(capsys, recipe, out)
     assert f"its weights file {model_pt} {why}" in err and "training it again" in err
     assert len(list(model_pt.parent.glob("model.pt.corrupt-*"))) == 1
@@ -230,8 +239,10 @@ def test_a_deleted_teacher_is_said_missing_and_trained_again_when_asked(runs, go
     md = (out.parent / "lb" / "leaderboard.md").read_text()
     assert re.search(r"^\| Teacher \(ce\) \|", md, re.M) and "no usable record" not in md
     # and when a student needs it, without being asked
-    shutil.rmtree(out / "teachers" / tid)
+    (out / "teachers" / tid / "model.pt").unlink()  # the record stays: the plan says why
     (out / "students" / kd / "record.json").unlink()
+    assert _dry_run_line(capsys, recipe, out, tid).endswith(
+        f"(again: its weights file {out / 'teachers' / tid / 'model.pt'} is missing)")
     _run(capsys, recipe, out)
     assert read_records(out, "teachers")[tid]["weights_sha256"] == records[tid]["weights_sha256"]
 

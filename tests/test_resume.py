@@ -144,6 +144,9 @@ def test_stop_signal_records_interrupted_and_resumes(reference, tmp_path, monkey
         assert student["status"] == "interrupted"
         assert student["interrupted"] == {"signal": f"SIG{signame}", "epoch": 2, "step": 5}
         assert len(list(out.rglob("ckpt-*.pt"))) == 2  # the last two
+        assert main(["run", str(recipe), "--dry-run"]) == 0  # and the plan says so
+        plan = capsys.readouterr().out
+        assert f"train  {student['id']}" in plan and "(interrupted: resumes from its last checkpoint)" in plan
 
     err = _interrupt_and_resume(recipe, monkeypatch, capsys, signame=signame, between=check_interrupted)
     assert "resuming from ckpt-000000005.pt" in err
