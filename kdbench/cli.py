@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--literature", action="append", metavar="SOURCE",
                     help="also show this source's published numbers (CRD, DKD, DIST, LS, DOT), "
                          "whatever the records' recipe named; repeatable")
+    lb.add_argument("--screenshot", action="store_true",
+                    help="also save OUT/index.png, the page as headless Chromium draws it at "
+                         "1366 px wide (needs chromium, chromium-driver and "
+                         "pip install 'kdbench[screenshot]')")
     lb.set_defaults(func=cmd_leaderboard)
     return p
 
@@ -254,7 +258,16 @@ def _default(field) -> str:
 def cmd_leaderboard(args) -> int:
     from kdbench.leaderboard import write_leaderboard
 
-    for path in write_leaderboard(args.runs_dir, args.output, metric=args.metric,
-                                  literature_sources=args.literature):
+    if args.screenshot:  # what it needs is checked before the tables are written
+        from kdbench.leaderboard.screenshot import headless_chromium
+
+        headless_chromium().quit()
+    written = write_leaderboard(args.runs_dir, args.output, metric=args.metric,
+                                literature_sources=args.literature)
+    for path in written:
         print(f"wrote {path}")
+    if args.screenshot:
+        from kdbench.leaderboard.screenshot import save_screenshot
+
+        print(f"wrote {save_screenshot(args.output / 'index.html', args.output / 'index.png')}")
     return 0

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from kdbench.cli import main
 from kdbench.leaderboard import write_leaderboard
+from kdbench.leaderboard.screenshot import capture, headless_chromium
 from kdbench.recipe import expand, load_recipe
 from kdbench.store import RunStore
 
@@ -86,15 +88,7 @@ def write_grid(registry, out: Path) -> dict:
 def browser():
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail(f"{CHROMIUM} or {CHROMEDRIVER} missing: apt-get install -y chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1366,900", "--hide-scrollbars"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 
@@ -204,9 +198,32 @@ def test_the_page_in_a_browser(registry, tmp_path, browser):
     assert "(1 diverged)" in md["KD"][0] and "(1 failed)" in md["FitNet"][1] \
         and "(1 interrupted)" in md["RKD"][2]
 
-    height = js("return document.documentElement.scrollHeight")
-    browser.set_window_size(1366, min(height, 8000))
-    js("window.scrollTo(0, 0)")
-    shot = tmp_path / "index.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    shot = capture(browser, tmp_path / "index.png")
+    assert shot.stat().st_size > 10_000
     print(f"index.html {page.stat().st_size} bytes; test {time.perf_counter() - t0:.1f} s; {shot}")
+
+
+def test_screenshot_from_the_command_line(registry, tmp_path, capsys):
+    """`kdbench leaderboard --screenshot` saves the page as Chromium draws it: a PNG 1366 px
+    wide, as tall as the page."""
+    write_grid(registry, tmp_path / "runs")
+    out = tmp_path / "lb"
+    assert main(["leaderboard", str(tmp_path / "runs"), "-o", str(out), "--screenshot"]) == 0
+    assert f"wrote {out / 'index.png'}" in capsys.readouterr().out
+    head = (out / "index.png").read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert width == 1366 and height > 900, (width, height)
+
+
+def test_screenshot_without_a_browser_is_one_line_before_anything_is_written(registry, tmp_path,
+                                                                             capsys, monkeypatch):
+    from kdbench.leaderboard import screenshot
+
+    write_grid(registry, tmp_path / "runs")
+    monkeypatch.setattr(screenshot, "_find", lambda name, path: None if name == "chromium" else path)
+    out = tmp_path / "lb"
+    assert main(["leaderboard", str(tmp_path / "runs"), "-o", str(out), "--screenshot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "apt-get install -y chromium chromium-driver" in err, err
+    assert not out.exists()
