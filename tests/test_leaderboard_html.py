@@ -51,8 +51,12 @@ def write_grid(registry, out: Path) -> dict:
                          check_files=False)
     teachers, students = expand(loaded, registry)
     store = RunStore(out, out / "teachers")
-    diag = {"top1": 70.0, "entropy_T": 1.2, "nontarget_mass_T": 0.3, "d_intra": 0.5,
-            "d_inter": 1.5, "d_intra_over_inter": 0.33}
+    # The keys a teacher record holds since issue 15 (the table has 17 columns).
+    theory = {"d_intra": 2.39, "d_inter": 1.44, "d_intra_over_inter": 1.66, "log_d_intra_over_inter": 0.508,
+              "L_intra": 5.58, "L_inter": 7.27, "L_intra_over_inter": 0.767, "theorem1_K": 9.03,
+              "theorem1_rhs": 1.661, "log_theorem1_rhs": 0.507}
+    diag = {"top1": 70.0, "entropy_T": 1.2, "nontarget_mass_T": 0.3, **theory,
+            "trained": {"embedding": "pooled_normalized", **theory}}
     for i, t in enumerate(teachers):
         final = 70.0 + i % 3
         store.write_record("teacher", t.id, {
@@ -121,6 +125,8 @@ def test_the_page_in_a_browser(registry, tmp_path, browser):
     browser.set_window_size(1366, 900)
     browser.get(page.as_uri())
     js = browser.execute_script
+    assert js("return document.querySelector('table.diag').getBoundingClientRect().right "
+              "<= window.innerWidth"), "the teachers' diagnostics are cut at 1366 px"
     assert js("return document.documentElement.scrollWidth <= window.innerWidth"), \
         "the 3-column page scrolls sideways at 1366 px"
 

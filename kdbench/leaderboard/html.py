@@ -218,10 +218,15 @@ def _marks_html(text: str) -> str:
     return re.sub(r"(\(\d+ (?:failed|diverged|interrupted)\))", r'<span class="bad">\1</span>', out)
 
 
+def _breakable(name: str) -> str:
+    """A column name that may wrap after its ``_`` and ``.`` (``d_intra_over_inter``)."""
+    return re.sub(r"([_.])", r"\1<wbr>", _e(name))
+
+
 def _diag_html(diag: tuple, i: int) -> str:
     caption, head, body = diag
     ths = "".join(f'<th data-sort="{"text" if j < 2 else "num"}"'
-                  f'{" class=num" if j >= 2 else ""}>{_e(h)}</th>' for j, h in enumerate(head))
+                  f'{" class=num" if j >= 2 else ""}>{_breakable(h)}</th>' for j, h in enumerate(head))
     trs = []
     for row in body:
         tds = "".join(f'<td>{_e(c)}</td>' if j < 2 else
