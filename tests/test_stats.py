@@ -361,6 +361,20 @@ def test_two_run_ids_for_one_seed_count_once_newest_wins(tmp_path):
     assert f"KD · {PAIR} · seed 0: counted s-new (done, newest), left out s-old (done)" in note
 
 
+def test_rows_take_the_place_their_newest_record_gives(tmp_path):
+    """The same runs trained from another version of the recipe (a row added before them since)
+    carry their old position; the row goes where its newest record puts it."""
+    runs = tmp_path / "runs"
+    old, new = 10**18, 2 * 10**18
+    write_record(runs, "s-st", seed=0, method_set="Student", final=50.0, order=0, mtime=new)
+    write_record(runs, "s-kd", seed=0, method_set="KD", final=51.0, order=1, mtime=new)
+    write_record(runs, "s-ctl-a", seed=0, method_set="Control", final=52.0, order=2, mtime=old)
+    write_record(runs, "s-ctl-b", seed=1, method_set="Control", final=52.5, order=3, mtime=new)
+    write_record(runs, "s-ours", seed=0, method_set="Ours", final=53.0, order=2, mtime=new)
+    md = write_leaderboard(runs, tmp_path / "lb", plot=False)[0].read_text()
+    assert list(md_rows(md)) == ["Student", "KD", "Ours", "Control"]
+
+
 def test_baseline_of_the_same_teacher_objective(tmp_path):
     """The baseline set KD has rows for teacher objectives ce and intra: Ours (intra) is compared
     with KD (intra), FitNet (ce) with KD (ce), and Student (no teacher) with the first, KD (ce)."""

@@ -47,8 +47,10 @@ def build_tables(df: pd.DataFrame, tdf: pd.DataFrame, metric: str,
         if paper and ref is None:
             ref = load_reference(reference_file or paper.get("file"))
         lit = _Lit.build(reference, sub, pairs, literature_sources)
-        row_order = sub.sort_values(["row_order", "objective_order"], kind="stable")["row"]
-        row_order = row_order.drop_duplicates().tolist()
+        # A row's place is the one its newest record has: the same runs trained by an older
+        # version of the recipe, or by another recipe holding them, keep their old positions.
+        newest = sub.sort_values(["mtime", "run_id"], kind="stable").groupby("row", sort=False).tail(1)
+        row_order = newest.sort_values(["row_order", "objective_order"], kind="stable")["row"].tolist()
         tsub = tdf[(tdf["group"] == group) & (tdf["dataset"] == dataset)] if len(tdf) else tdf
         if len(tsub):  # the diagnostics table lists the pairs in column order
             tsub = tsub.sort_values(["pair_order", "objective_order"], kind="stable")
