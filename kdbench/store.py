@@ -359,7 +359,8 @@ def provenance(device: torch.device, plugin_versions: dict[str, str]) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": _device_name(device),
-        "git_commit": _git_commit(),
+        "git_commit": git_state()[0],
+        "git_dirty": git_state()[1],  # True: trained by uncommitted changes to that commit
         "threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
         "cuda": torch.version.cuda,
@@ -399,11 +400,26 @@ def _cudnn_version() -> int | None:
         return None
 
 
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+_GIT_STATE: dict[str, tuple[str | None, bool | None]] = {}
+
+
+def git_state(checkout: Path | str | None = None) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether tracked files differ from it) of the git checkout holding kdbench
+    (or ``checkout``), as the first call in this process found it; (None, None) outside git.
+
+    Read once and kept: a long grid records the code it started with, not a commit made in
+    the checkout while it trains (the runner calls this when it is built)."""
+    here = str(Path(checkout) if checkout else Path(__file__).resolve().parent.parent)
+    if here not in _GIT_STATE:
+        def git(*args: str) -> str | None:
+            try:
+                out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                                     timeout=5)
+            except (OSError, subprocess.SubprocessError):
+                return None
+            return out.stdout if out.returncode == 0 else None
+
+        commit = (git("rev-parse", "HEAD") or "").strip() or None
+        changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
+        _GIT_STATE[here] = (commit, None if changes is None else bool(changes.strip()))
+    return _GIT_STATE[here]

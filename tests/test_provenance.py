@@ -71,3 +71,40 @@ def test_cuda_device_records_gpu_and_cudnn(monkeypatch, one_thread):
     assert prov["threads"] == 1 and prov["plugins"] == {"kdbench": "0.1.0"}
     cpu = provenance(torch.device("cpu"), {})
     assert cpu["gpu"] is None and cpu["cudnn"] == 91002  # CUDA is there, the run is not on it
+
+
+def test_git_state_is_the_one_the_process_started_with(tmp_path):
+    """A commit made in the checkout while a grid trains does not change what later records
+    say trained them; uncommitted changes to tracked files are said (git_dirty)."""
+    import subprocess
+
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t",
+                               *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "first")
+    first = git("rev-parse", "HEAD")
+    assert store.git_state(repo) == (first, False)
+    (repo / "a.py").write_text("x = 2\n")
+    git("commit", "-qam", "second")  # while the grid trains
+    assert store.git_state(repo) == (first, False)  # still the code it started with
+    store._GIT_STATE.clear()  # a new process
+    assert store.git_state(repo) == (git("rev-parse", "HEAD"), False)
+    (repo / "a.py").write_text("x = 3\n")  # edited, not committed
+    store._GIT_STATE.clear()
+    assert store.git_state(repo)[1] is True
+    store._GIT_STATE.clear()
+    assert store.git_state(tmp_path / "not-a-checkout") == (None, None)
+
+
+def test_a_record_names_the_commit_and_whether_it_was_changed(tiny_recipe, tmp_path):
+    assert main(["run", str(tiny_recipe()), "--plain"]) == 0
+    for p in (tmp_path / "runs").glob("*/*/record.json"):
+        prov = json.loads(p.read_text())["provenance"]
+        assert (prov["git_commit"], prov["git_dirty"]) == store.git_state()

@@ -20,7 +20,7 @@ from typing import Callable
 from kdbench.api import UserError
 from kdbench.engine.checkpoint import Checkpointer
 from kdbench.engine.loop import Diverged, Interrupted
-from kdbench.store import atomic_write_bytes, provenance
+from kdbench.store import atomic_write_bytes, git_state, provenance
 
 
 @dataclass
@@ -38,6 +38,7 @@ class RunRecorder:
         self.loaded, self.registry, self.device = loaded, registry, device
         self.store, self.progress, self.world_size = store, progress, world_size
         self.trained_by: dict | None = None  # who trains the current run (for its record)
+        git_state()  # the code this process starts with is what its records name
 
     def base_record(self, spec, status: str) -> dict:
         recipe = self.loaded.recipe
