@@ -344,12 +344,26 @@ def test_a_killed_attempt_is_counted(tiny_recipe, tmp_path):
 
 
 def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(tiny_recipe):
-    """SIGINT while kdbench is still importing torch (its first second or so)."""
+    """SIGINT while kdbench is still importing torch (its first second or so).
+
+    The child starts with SIGINT at its default, as under a terminal: a suite started in the
+    background (``cmd &`` in a script) passes SIGINT on ignored, and kdbench keeps an ignored
+    SIGINT ignored (checked last)."""
     recipe = tiny_recipe()
+
+    def start(sigint=signal.SIG_DFL):
+        return subprocess.Popen(kdbench_cmd("run", recipe), env=kdbench_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
     for delay in (0.3, 0.9):
-        proc = subprocess.Popen(kdbench_cmd("run", recipe), env=kdbench_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start()
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130 and err == "kdbench: interrupted\n", (delay, proc.returncode, err)
+    proc = start(signal.SIG_IGN)  # a background job: Ctrl-C is not for it
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "kdbench: interrupted" not in err and "3 done" in err, err
