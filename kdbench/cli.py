@@ -213,7 +213,9 @@ def _why_train(store, spec) -> str:
     if status == "done":  # a teacher whose weights file is gone
         return f"  (again: {store.weights_problem(spec.id, rec)})"
     if status == "interrupted":
-        has_ckpt = any(store.run_dir(spec.kind, spec.id).glob("ckpt-*.pt"))
+        from kdbench.engine.checkpoint import Checkpointer
+
+        has_ckpt = Checkpointer(store.run_dir(spec.kind, spec.id)).has_checkpoints()
         return "  (interrupted: " + ("resumes from its last checkpoint)" if has_ckpt else
                                      "no checkpoint left, starts over)")
     return {"failed": "  (failed before: trained again)",
@@ -259,9 +261,9 @@ def cmd_leaderboard(args) -> int:
     from kdbench.leaderboard import write_leaderboard
 
     if args.screenshot:  # what it needs is checked before the tables are written
-        from kdbench.leaderboard.screenshot import headless_chromium
+        from kdbench.leaderboard.screenshot import screenshot_tools
 
-        headless_chromium().quit()
+        screenshot_tools()
     written = write_leaderboard(args.runs_dir, args.output, metric=args.metric,
                                 literature_sources=args.literature)
     for path in written:

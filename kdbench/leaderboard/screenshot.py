@@ -22,9 +22,9 @@ def _find(name: str, debian_path: str) -> str | None:
     return shutil.which(name) or (debian_path if Path(debian_path).exists() else None)
 
 
-def headless_chromium(width: int = WIDTH, height: int = 900):
-    """A Selenium WebDriver of headless Chromium at ``width`` × ``height`` (the caller quits it);
-    a :class:`UserError` naming what to install when the browser or Selenium is missing."""
+def screenshot_tools() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, with Selenium importable; a :class:`UserError` naming what
+    to install when one is missing. Starts no browser."""
     chromium = _find("chromium", "/usr/bin/chromium")
     driver_path = _find("chromedriver", "/usr/bin/chromedriver")
     if chromium is None or driver_path is None:
@@ -32,11 +32,20 @@ def headless_chromium(width: int = WIDTH, height: int = 900):
                         f"{'chromium' if chromium is None else 'chromedriver'} was not found: "
                         "apt-get install -y chromium chromium-driver")
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         raise UserError("a screenshot drives Chromium through Selenium, which is not installed: "
                         "pip install 'kdbench[screenshot]'") from None
+    return chromium, driver_path
+
+
+def headless_chromium(width: int = WIDTH, height: int = 900):
+    """A Selenium WebDriver of headless Chromium at ``width`` × ``height`` (the caller quits it);
+    a :class:`UserError` naming what to install when the browser or Selenium is missing."""
+    chromium, driver_path = screenshot_tools()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
