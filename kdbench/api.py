@@ -9,6 +9,8 @@ Kinds of plugin and what their factories return:
 * **dataset**: ``factory(params, split) -> ImageData`` with uint8 images (N, C, H, W).
 * **teacher objective**: ``factory(params, setup: ObjectiveSetup) -> TeacherObjective``.
 * **student method**: ``factory(params, setup: MethodSetup) -> StudentMethod``.
+* **optimizer**: ``factory(params) -> StudentOptimizer``: a student's update rule in place of
+  the schedule's SGD.
 """
 from __future__ import annotations
 
@@ -274,3 +276,39 @@ class TeacherObjective(nn.Module):
     def epoch_stats(self) -> dict[str, float]:
         """Optional per-epoch statistics (e.g. fraction of anchors passing a gate)."""
         return {}
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers
+# --------------------------------------------------------------------------------------------
+class StudentOptimizer:
+    """How a student run turns its loss terms into a parameter update, in place of the
+    schedule's SGD: a method set's ``optimizer = { name = "...", ... }``. Built once per run
+    from its params (``factory(params)``).
+
+    * ``build(parameters, schedule, device)``: the ``torch.optim.Optimizer`` that trains the
+      parameters, with the schedule's lr (the schedule's MultiStepLR steps its groups' ``lr``)
+      and whatever else of the schedule it uses; its ``state_dict`` is checkpointed.
+    * ``step(optimizer, label_loss, distillation_loss)``: one training step's backward passes
+      and update. ``label_loss`` is the sum of the terms of the set's methods that need no
+      teacher (``needs_teacher = False``: the student's cross-entropy), ``distillation_loss``
+      the sum of the others; the recipe check makes sure a set has both.
+
+    ClassVars, read before building: ``revision`` (as :class:`StudentMethod`'s), and
+    ``supports_ddp``: whether ``step`` works with the DDP-wrapped modules of a torchrun grid.
+    ``schedule_problems(params, schedule)`` names what of a student schedule the rule cannot
+    use; the recipe check reports it before anything trains.
+    """
+
+    revision: ClassVar[int] = 0
+    supports_ddp: ClassVar[bool] = False
+
+    @classmethod
+    def schedule_problems(cls, params: Params, schedule) -> list[str]:
+        return []
+
+    def build(self, parameters: list[nn.Parameter], schedule, device: torch.device) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def step(self, optimizer: torch.optim.Optimizer, label_loss: Tensor, distillation_loss: Tensor) -> None:
+        raise NotImplementedError

@@ -1,4 +1,4 @@
-"""The whole plugin contract: six hooks, one per kind of named thing.
+"""The whole plugin contract: seven hooks, one per kind of named thing.
 
 Each hook receives ``register(name, factory, params=Params subclass, help="one line")``.
 A plugin module (named by an entry point in the ``kdbench`` group) implements any of them::
@@ -43,6 +43,12 @@ def kdbench_register_teacher_objectives(register):
 @hookspec
 def kdbench_register_student_methods(register):
     """Register student methods: ``factory(params, setup) -> StudentMethod``."""
+
+
+@hookspec
+def kdbench_register_optimizers(register):
+    """Register student optimizers: ``factory(params) -> kdbench.api.StudentOptimizer``, a
+    method set's update rule in place of the schedule's SGD (``optimizer = "name"``)."""
 
 
 @hookspec

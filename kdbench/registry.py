@@ -27,6 +27,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "model": ("kdbench_register_models", "models"),
     "teacher_objective": ("kdbench_register_teacher_objectives", "teacher objectives"),
     "student_method": ("kdbench_register_student_methods", "student methods"),
+    "optimizer": ("kdbench_register_optimizers", "optimizers"),
     "view": ("kdbench_register_views", "augmentation views"),
     "tracker": ("kdbench_register_trackers", "experiment trackers"),
 }

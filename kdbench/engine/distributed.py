@@ -54,7 +54,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from kdbench.api import ModelOutput
+from kdbench.api import ModelOutput, UserError
 from kdbench.engine.checkpoint import Checkpointer
 from kdbench.engine.runner import GridRunner, Summary
 from kdbench.engine.signals import StopSignals
@@ -260,6 +260,14 @@ class DistributedGridRunner(GridRunner):
                          stop=CollectiveStop(StopSignals(), device),
                          wrap_task=lambda task: distribute_task(task, device),
                          world_size=self.world, **kwargs)
+        for spec in self.students:  # before anything trains
+            if (opt := spec.optimizer_term()) is not None:
+                rule = registry.find("optimizer", opt[0]).factory
+                if not getattr(rule, "supports_ddp", False):
+                    raise UserError(f"{loaded.path}: method set {spec.meta.method_set!r} trains with "
+                                    f"optimizer {opt[0]!r}, which takes more than one backward pass "
+                                    "per step and does not run under torchrun (DDP); run that method "
+                                    "set without torchrun")
 
     def _command(self, run_id: str | None = None) -> str | None:
         """Rank 0 sends the id of the next run (None: no more); the others receive it."""

@@ -38,6 +38,8 @@ def cost_key(spec: RunSpec) -> str:
     else:
         key = {"model": s["model"], "methods": s["methods"], "batch": s["schedule"]["batch_size"],
                "teacher": spec.teacher.spec["model"] if spec.teacher else None}
+        if "optimizer" in s:  # DOT's two backward passes cost more than one
+            key["optimizer"] = s["optimizer"]
     return f"{spec.kind}:{json.dumps(key, sort_keys=True)}"
 
 
@@ -54,7 +56,7 @@ def _time_steps(runner, spec: RunSpec, steps: int) -> float:
         task = trainer.student_task(spec, teacher)
     schedule = Schedule(**spec.spec["schedule"])
     params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
-    optimizer, _ = make_optimizer(params, schedule, runner.device)
+    optimizer, _ = make_optimizer(params, schedule, runner.device, getattr(task, "update_rule", None))
     generator = torch.Generator(device=runner.device).manual_seed(0)
     times = []
     batches = train.train_batches(schedule.batch_size, generator, task.views)

@@ -27,6 +27,8 @@ class Task(Protocol):
     """Everything :func:`fit` reads of what it trains (built by :mod:`kdbench.engine.tasks`)."""
 
     views: tuple[str, ...]  # extra augmented views each batch must carry (see Batch.views)
+    # Optional: ``update_rule`` (a kdbench.api.StudentOptimizer) trains it instead of the
+    # schedule's SGD, from the loss in two parts, ``split_terms(terms)``.
     plans_epochs: bool  # True: fit() draws each epoch's batches up front and calls start_epoch
 
     def modules(self) -> list[nn.Module]: ...  # trained (train mode, in the optimizer)
@@ -112,7 +114,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def make_optimizer(params, schedule, device: torch.device):
+def make_optimizer(params, schedule, device: torch.device, rule=None):
+    """The optimizer of ``params`` and its MultiStepLR: the schedule's SGD (fused on CUDA), or
+    the one ``rule`` (a :class:`kdbench.api.StudentOptimizer`, a task's ``update_rule``) builds."""
+    if rule is not None:
+        optimizer = rule.build(params, schedule, device)
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=schedule.milestones,
+                                                               gamma=schedule.gamma)
     opts = dict(lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay,
                 nesterov=schedule.nesterov)
     if device.type == "cuda":
@@ -186,6 +194,10 @@ def train_step(task: Task, batch: Batch, optimizer, device: torch.device, precis
     with autocast(device, precision):
         terms, logits = task.loss_terms(batch)
         loss = sum(terms.values())
+    rule = getattr(task, "update_rule", None)
+    if rule is not None:  # an optimizer plugin's step: it takes the loss in two parts
+        rule.step(optimizer, *task.split_terms(terms))
+        return loss, terms, logits
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -216,7 +228,7 @@ def fit(task: Task, schedule, train: DeviceData, test: DeviceData, device: torch
     ``checkpointer.every_steps`` steps; ``stop_requested()`` (a signal number or None) is polled
     after every step: if set, a checkpoint is written and :class:`Interrupted` raised."""
     params = [p for m in task.modules() for p in m.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(params, schedule, device)
+    optimizer, scheduler = make_optimizer(params, schedule, device, getattr(task, "update_rule", None))
     stateful = task.stateful_modules()
     resume = None
     if checkpointer is not None:

@@ -154,8 +154,13 @@ class StudentTask:
     teacher logit cache (:mod:`kdbench.engine.logit_cache`) the teacher's logits of view 0 come
     from the cache, filled at the start of each epoch from the epoch's planned draws."""
 
-    def __init__(self, student, teacher, methods: list[tuple[str, float, nn.Module]]):
+    def __init__(self, student, teacher, methods: list[tuple[str, float, nn.Module]],
+                 update_rule=None):
         self.student, self.teacher, self.methods = student, teacher, methods
+        # An optimizer plugin (kdbench.api.StudentOptimizer) in place of the schedule's SGD.
+        self.update_rule = update_rule
+        self._label_methods = {i for i, (_, _, m) in enumerate(methods) if not getattr(m, "needs_teacher", True)}
+        self._label_keys: list[str] = []  # the label methods' terms in the last loss_terms
         self.views = tuple(dict.fromkeys(v for _, _, m in methods for v in m.views))
         # One mode for the whole set: a set mixing OFD (train-mode teacher, as its reference
         # code) with other methods gives them train-mode teacher outputs too.
@@ -216,11 +221,25 @@ class StudentTask:
         else:
             t_out = self._teacher(batch.x)
         extra = {v: (self.step_student(batch.views[v]), self._teacher(batch.views[v])) for v in self.views}
-        terms = {}
-        for name, weight, method in self.step_methods:
+        terms, self._label_keys = {}, []
+        for i, (name, weight, method) in enumerate(self.step_methods):
             for key, value in method(s_out, t_out, batch, extra).items():
-                terms[key if key not in terms else f"{name}.{key}"] = weight * value
+                key = key if key not in terms else f"{name}.{key}"
+                terms[key] = weight * value
+                if i in self._label_methods:
+                    self._label_keys.append(key)
         return terms, s_out.logits
+
+    def split_terms(self, terms: dict) -> tuple:
+        """(label loss, distillation loss): the sum of the terms of the methods that need no
+        teacher, and of the others, for an ``update_rule`` (the recipe check makes sure a set
+        with one has both)."""
+        label = [v for k, v in terms.items() if k in self._label_keys]
+        distill = [v for k, v in terms.items() if k not in self._label_keys]
+        if not label or not distill:
+            raise ValueError(f"the optimizer needs label and distillation terms; the terms are "
+                             f"{sorted(terms)}, the label terms {self._label_keys}")
+        return sum(label), sum(distill)
 
     def eval_model(self):
         return self.student
@@ -308,7 +327,8 @@ def build_teacher_task(registry: Registry, objective: tuple[str, "Params | dict"
 
 def build_student_task(registry: Registry, methods: Sequence[MethodTerm], student: nn.Module,
                        teacher: nn.Module | None, train: DeviceData, device: torch.device,
-                       precision: str = "fp32", cast_teacher: bool = True) -> StudentTask:
+                       precision: str = "fp32", cast_teacher: bool = True,
+                       optimizer: "tuple[str, Params | dict] | None" = None) -> StudentTask:
     """``student`` (built and placed by the caller, after seeding) with the method set
     ``methods``, each built from the real shapes of both nets, and the frozen ``teacher``.
 
@@ -316,7 +336,8 @@ def build_student_task(registry: Registry, methods: Sequence[MethodTerm], studen
     teacher's weights are cast to the autocast dtype of ``precision`` once, if ``cast_teacher``
     (:func:`cast_teacher_once`; ``task.teacher_cast_once`` says whether it was). Leave
     ``cast_teacher`` off with ``torch.compile``: the check's extra graphs would use up dynamo's
-    recompile budget of the shared forward."""
+    recompile budget of the shared forward. ``optimizer``: (name, parameters) of an optimizer
+    plugin that trains the student instead of the schedule's SGD (the task's ``update_rule``)."""
     setup = method_setup(student, teacher, dummy_forward(student, train),
                          dummy_forward(teacher, train) if teacher is not None else None,
                          train.labels, train.num_classes, int(train.images.shape[-1]), device)
@@ -325,7 +346,11 @@ def build_student_task(registry: Registry, methods: Sequence[MethodTerm], studen
         plugin = registry.find("student_method", name)
         method = plugin.factory(_params(registry, "student_method", name, params), setup)
         built.append((name, weight, method.to(device)))
-    task = StudentTask(student, teacher, built)
+    rule = None
+    if optimizer is not None:
+        name, params = optimizer
+        rule = registry.find("optimizer", name).factory(_params(registry, "optimizer", name, params))
+    task = StudentTask(student, teacher, built, update_rule=rule)
     if teacher is not None and cast_teacher:
         task.teacher_cast_once = cast_teacher_once(teacher, train, device, precision)
     return task

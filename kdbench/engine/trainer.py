@@ -127,7 +127,7 @@ class RunTrainer:
         train, _ = self.data()
         return build_student_task(self.registry, spec.method_terms(), self.build_for(spec), teacher,
                                   train, self.device, self.recipe.precision,
-                                  cast_teacher=not self.recipe.compile)
+                                  cast_teacher=not self.recipe.compile, optimizer=spec.optimizer_term())
 
     def load_teacher(self, spec) -> nn.Module:
         model = self.build_for(spec)

@@ -21,8 +21,8 @@ from pydantic import BaseModel, ValidationError
 from kdbench.api import Params, UserError
 from kdbench.recipe.errors import Locator, RecipeError, describe, dotted
 from kdbench.recipe.grid import SPEC_VERSION, RunSpec, StudentMeta, TeacherMeta, expand
-from kdbench.recipe.schema import (DatasetSpec, MethodSet, MethodTerm, ModelRef, Pair, Recipe,
-                                   Reference, Schedule, TeacherObjectiveSpec)
+from kdbench.recipe.schema import (DatasetSpec, MethodSet, MethodTerm, ModelRef, OptimizerRef, Pair,
+                                   Recipe, Reference, Schedule, TeacherObjectiveSpec)
 from kdbench.registry import Registry
 
 if sys.version_info >= (3, 11):
@@ -64,6 +64,8 @@ class LoadedRecipe:
         for i, ms in enumerate(r.method_sets):
             for j, term in enumerate(ms.methods):
                 yield "student_method", ("method_sets", i, "methods", j), term
+            if ms.optimizer is not None:
+                yield "optimizer", ("method_sets", i, "optimizer"), ms.optimizer
 
     def plugin_params(self, registry: Registry) -> dict[tuple, Params]:
         """Every plugin table's validated parameters: those the check produced, and (for tables
@@ -123,7 +125,10 @@ def load_recipe(path: str | Path, registry: Registry, check_device: bool = True,
         problems += _check_device(raw.get("device", "auto"), locate)
     if recipe is not None:
         problems += _check_across_keys(recipe, locate, path.parent)
-        problems += _check_pair_overrides(recipe, registry, locate, validated)
+        overrides = _check_pair_overrides(recipe, registry, locate, validated)
+        problems += overrides
+        if not overrides:  # the pairs' schedules merge cleanly
+            problems += _check_optimizers(recipe, registry, locate, validated)
         if check_files:
             problems += _check_files(recipe, validated, locate)
     if problems or recipe is None:
@@ -267,14 +272,15 @@ def _check_plugins(raw: dict, registry: Registry, locate: Locator, validated: di
     views = registry.view_makers()
 
     def check(kind: str, table: Any, path: tuple, spec: type[BaseModel]):
-        if isinstance(table, str) and kind == "model":
+        if isinstance(table, str) and kind in ("model", "optimizer"):
             table = {"name": table}
         if not isinstance(table, dict) or not isinstance(table.get("name"), str):
             return  # the schema check reports it
         try:
             plugin = registry.find(kind, table["name"])
         except UserError as exc:
-            problems.append(f"{locate(path + ('name',))}{dotted(path + ('name',))}: {exc}")
+            hint = "; leave optimizer out for the student schedule's SGD" if kind == "optimizer" else ""
+            problems.append(f"{locate(path + ('name',))}{dotted(path + ('name',))}: {exc}{hint}")
             return
         params = {k: v for k, v in table.items() if k not in spec.model_fields}
         try:
@@ -305,4 +311,36 @@ def _check_plugins(raw: dict, registry: Registry, locate: Locator, validated: di
         methods = ms.get("methods") if isinstance(ms, dict) else None
         for j, term in enumerate(methods if isinstance(methods, list) else []):
             check("student_method", term, ("method_sets", i, "methods", j), MethodTerm)
+        if isinstance(ms, dict) and ms.get("optimizer") is not None:
+            check("optimizer", ms["optimizer"], ("method_sets", i, "optimizer"), OptimizerRef)
+    return problems
+
+
+def _check_optimizers(recipe: Recipe, registry: Registry, locate: Locator, validated: dict) -> list[str]:
+    """A method set's optimizer plugin: it takes the loss in two parts, so the set needs a term
+    of a method without a teacher (ce) and one with; and it must be able to use the student
+    schedule of every pair (its schedule_problems)."""
+    problems = []
+    for m, ms in enumerate(recipe.method_sets):
+        key = ("method_sets", m, "optimizer")
+        methods = [("method_sets", m, "methods", j) for j in range(len(ms.methods))]
+        if ms.optimizer is None or key not in validated or not all(k in validated for k in methods):
+            continue  # none, or a name already reported
+        plugin = registry.find("optimizer", ms.optimizer.name)
+        at = f"{locate(key)}{dotted(key)}"
+        teacher = [registry.find("student_method", t.name).factory.needs_teacher for t in ms.methods]
+        missing = ('no label term; add { name = "ce" }' if all(teacher) else
+                   "no distillation term" if not any(teacher) else None)
+        if missing:
+            problems.append(f"{at}: {plugin.name!r} splits the loss into the label terms (methods "
+                            "without a teacher, e.g. ce) and the distillation terms, and method set "
+                            f"{ms.display!r} has {missing}")
+        schedules = [("student_schedule", recipe.student_schedule)]
+        for i, pair in enumerate(recipe.pairs):
+            if pair.student_schedule:
+                merged = Schedule.model_validate({**recipe.student_schedule.model_dump(), **pair.student_schedule})
+                schedules.append((f"pairs[{i}].student_schedule", merged))
+        for where, schedule in schedules:
+            for problem in plugin.factory.schedule_problems(validated[key], schedule):
+                problems.append(f"{at}: {plugin.name!r} cannot use {where}: {problem}")
     return problems

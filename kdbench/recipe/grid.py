@@ -96,6 +96,13 @@ class RunSpec:
         given = self.params.get("methods") or [m["params"] for m in self.spec["methods"]]
         return [(m["name"], m["weight"], p) for m, p in zip(self.spec["methods"], given)]
 
+    def optimizer_term(self) -> tuple[str, Params | dict] | None:
+        """(name, parameters) of the student's optimizer plugin; None: the schedule's SGD."""
+        opt = self.spec.get("optimizer")
+        if opt is None:
+            return None
+        return opt["name"], self.params.get("optimizer") or opt["params"]
+
     def objective_term(self) -> tuple[str, Params | dict]:
         obj = self.spec["objective"]
         return obj["name"], self.params.get("objective") or obj["params"]
@@ -182,6 +189,11 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                                   **_revision(registry, "student_method", t.name)}
                                  for t, tp in zip(ms.methods, terms)],
                      "schedule": student_schedule, "seed": seed}
+            opt_params = validated.get(("method_sets", m, "optimizer"))
+            if ms.optimizer is not None:  # only then: sets on the schedule's SGD keep their ids
+                sspec["optimizer"] = {"name": registry.canonical_name("optimizer", ms.optimizer.name),
+                                      "params": resolved(opt_params),
+                                      **_revision(registry, "optimizer", ms.optimizer.name)}
             students.append(RunSpec("student", sspec, StudentMeta(
                 **labels, pair=pair.display, pair_index=p, method_set=ms.display,
                 method_set_index=m, objective=obj.display if obj else None, objective_index=o,
@@ -190,7 +202,7 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
                 teacher_model=pair.teacher.label or pair.teacher.name,
                 student_model=pair.student.label or pair.student.name, ref_method=ms.ref_method,
                 ref_teacher=pair.ref_teacher, ref_student=pair.ref_student, reference=ref),
-                teacher=teacher, params={"model": s_params, "methods": terms}))
+                teacher=teacher, params={"model": s_params, "methods": terms, "optimizer": opt_params}))
     return list(teachers.values()), students
 
 

@@ -89,11 +89,23 @@ class MethodTerm(_WithPluginParams):
     weight: float | None = Field(None, ge=0, strict=True)
 
 
+class OptimizerRef(_WithPluginParams):
+    name: StrictStr
+
+
 class MethodSet(_Strict):
     label: str | None = None
     methods: list[MethodTerm] = Field(min_length=1)
+    optimizer: OptimizerRef | None = Field(
+        None, description="an optimizer plugin that trains this set's students instead of the "
+        "student schedule's SGD (e.g. \"dot\"); part of run ids when given")
     teachers: list[str] | None = Field(None, description="labels of the teacher objectives to use")
     ref_method: str | None = None
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _short(cls, v):
+        return {"name": v} if isinstance(v, str) else v
 
     @property
     def display(self) -> str:
