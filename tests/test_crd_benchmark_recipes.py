@@ -31,6 +31,9 @@ def test_the_crd_benchmark_recipe(registry, kind):
     methods = {t.name for ms in r.method_sets for t in ms.methods}
     everything = set(registry.names("student_method")) - EQUAL_CHANNELS_ONLY
     assert methods == everything
+    # ... and every optimizer, as a row of its own (DOT: KD trained with it, as mdistiller's).
+    assert {ms.optimizer.name for ms in r.method_sets if ms.optimizer} == set(registry.names("optimizer"))
+    assert "DOT" in r.reference.literature
     teachers, students = expand(loaded, registry)
     assert len(teachers) == len({p.teacher.name for p in r.pairs})  # one teacher per architecture
     for s in students:
