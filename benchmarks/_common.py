@@ -194,14 +194,16 @@ def net_layout(model) -> str:
 
 
 def student_task(student, teacher, train, device, methods=KD_METHODS, precision: str = "fp32",
-                 cast_teacher: bool = True):
+                 cast_teacher: bool = True, optimizer=None):
     """The engine's StudentTask for ``methods`` (default: the paper's KD row), built by
     ``kdbench.engine.tasks.build_student_task`` exactly as a run builds it (sizing forward,
-    then the teacher's one-time cast to ``precision``'s autocast dtype if ``cast_teacher``)."""
+    then the teacher's one-time cast to ``precision``'s autocast dtype if ``cast_teacher``);
+    ``optimizer``: (name, params) of an optimizer plugin, the task's ``update_rule``."""
     from kdbench.engine.tasks import build_student_task
 
     return build_student_task(registry(), list(methods), student, teacher, train,
-                              torch.device(device), precision, cast_teacher=cast_teacher)
+                              torch.device(device), precision, cast_teacher=cast_teacher,
+                              optimizer=optimizer)
 
 
 def teacher_task(model, objective, train, device):

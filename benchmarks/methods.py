@@ -13,7 +13,9 @@ an initialisation stage (``StudentMethod.init_stage()``: AB, FT, FSP) gets a sec
 (``kdbench.engine.tasks.InitTask``, SGD over the stage's modules, at lr 1e-9: the random-weight
 teacher's large last-stage maps make FT's reconstruction diverge within steps, and SGD does the
 same work at any lr). AB's and FSP's main-schedule
-rows are ``ce`` alone plus their (idle) modules: they distil only in their stage.
+rows are ``ce`` alone plus their (idle) modules: they distil only in their stage. Each optimizer
+plugin gets a row ``kd [optimizer <name>]``: ``ce + kd`` trained with it (DOT: two backward
+passes per step, one forward), beside the plain ``kd`` row on the schedule's SGD.
 
 What is measured
 * **step ms**: median wall time of one step as ``kdbench.engine.loop.fit`` runs it: drawing the
@@ -69,6 +71,7 @@ PAIRS = {  # label -> (teacher, student)
 }
 ONLY_DISTS = "kdbench"
 INIT_SUFFIX = "[init stage]"  # the row of a method's initialisation stage
+OPTIMIZER_ROW = "kd [optimizer {}]"  # ce + kd trained with an optimizer plugin
 QUICK = dict(device="cpu", steps=1, warmup=0, batch=4, width_mult=0.125, num_train=64,
              pairs="WRN-40-2 -> WRN-16-2", threads=1)  # --quick: every method, seconds on a CPU
 
@@ -128,27 +131,29 @@ def run_child(cfg: dict) -> dict:
     seed_everything(0, deterministic=False)
     teacher0 = C.frozen_teacher(cfg["teacher"], cfg["width_mult"], train.num_classes, device)
 
-    def build(method_name, teacher, init_stage=False):
-        """A run's student task up to fit: student, methods (builders), optimizer; with
-        ``init_stage``, the method's initialisation stage as the engine runs it instead."""
+    def build(method_name, teacher, init_stage=False, optimizer=None):
+        """A run's student task up to fit: student, methods (builders), optimizer (the schedule's
+        SGD, or the optimizer plugin named ``optimizer``); with ``init_stage``, the method's
+        initialisation stage as the engine runs it instead."""
         seed_everything(0, deterministic=False)
         student = C.build_net(cfg["student"], cfg["width_mult"], train.num_classes, device)
         methods = []
         for name in (["ce"] if method_name == "ce" else ["ce", method_name]):
             plugin = registry.find("student_method", name)
             methods.append((name, 0.1 if name == "ce" else plugin.factory.default_weight, {}))
-        task = C.student_task(student, teacher, train, device, methods, precision=cfg["precision"])
+        task = C.student_task(student, teacher, train, device, methods, precision=cfg["precision"],
+                              optimizer=(optimizer, {}) if optimizer else None)
         if init_stage:
             # lr 0: the random teacher's large last-stage maps make FT's reconstruction diverge
             # within a few steps at its lr 0.01; SGD does the same work at any lr.
             task, lr = InitTask(task.student, task.teacher, task.methods[-1][2].init_stage()), 1e-9
         else:
             lr = 0.05
-        optimizer, _ = make_optimizer(C.trained_params(task),
-                                      Schedule(epochs=1, batch_size=cfg["batch"], lr=lr), device)
+        opt, _ = make_optimizer(C.trained_params(task), Schedule(epochs=1, batch_size=cfg["batch"], lr=lr),
+                                device, getattr(task, "update_rule", None))
         for m in task.modules():
             m.train()
-        return task, optimizer
+        return task, opt
 
     def batches(views):
         gen = data_generator(0, device)  # every method sees the same batches
@@ -160,22 +165,23 @@ def run_child(cfg: dict) -> dict:
         loss, terms, _ = train_step(task, next(it), optimizer, device, cfg["precision"])
         return loss.detach(), terms
 
-    rows = []
+    rows = []  # (row, method, init stage, optimizer plugin)
     for name in cfg["methods"]:
-        rows.append((name, name, False))
+        rows.append((name, name, False, None))
         if C.has_init_stage(registry, name):
-            rows.append((f"{name} {INIT_SUFFIX}", name, True))
+            rows.append((f"{name} {INIT_SUFFIX}", name, True, None))
+    rows += [(OPTIMIZER_ROW.format(opt), "kd", False, opt) for opt in cfg.get("optimizers", [])]
 
     results, live = {}, {}
     # Phase 1, one method at a time: build it, two warm-up steps (gradients, momentum buffers,
     # cuDNN autotuning), then the peak over two more steps, above what was there before.
-    for name, method_name, init_stage in rows:
+    for name, method_name, init_stage, optimizer in rows:
         teacher = None if name == "ce" else copy.deepcopy(teacher0)  # OFD moves its BN stats
         try:
             if cuda:
                 sync()
                 base = torch.cuda.memory_allocated(device)
-                task, opt = build(method_name, teacher, init_stage)
+                task, opt = build(method_name, teacher, init_stage, optimizer)
                 it = batches(task.views)
                 for _ in range(2):
                     step(task, opt, it)
@@ -187,7 +193,7 @@ def run_child(cfg: dict) -> dict:
                 peak = torch.cuda.max_memory_allocated(device) - base
             else:
                 with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    task, opt = build(method_name, teacher, init_stage)
+                    task, opt = build(method_name, teacher, init_stage, optimizer)
                     it = batches(task.views)
                     for _ in range(2):
                         step(task, opt, it)
@@ -249,6 +255,13 @@ def _available_methods() -> list[str]:
     return list(load_registry().names("student_method"))
 
 
+def _available_optimizers() -> list[str]:
+    os.environ.setdefault("KDBENCH_ONLY_DISTS", ONLY_DISTS)
+    from kdbench.registry import load_registry
+
+    return list(load_registry().names("optimizer"))
+
+
 def _fmt_int(n: int) -> str:
     return f"{n:,}" if n else "0"
 
@@ -267,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None,
                     help="comma-separated student methods (default: all registered); "
                     "kd is always measured (the baseline)")
+    ap.add_argument("--optimizers", default=None,
+                    help="comma-separated optimizer plugins, each a row of ce + kd trained with it "
+                    "(default: all registered; '' for none)")
     ap.add_argument("--pairs", default=",".join(PAIRS),
                     help=f"comma-separated subset of: {', '.join(PAIRS)}")
     ap.add_argument("--num-train", type=int, default=50000,
@@ -301,6 +317,10 @@ def main(argv=None) -> int:
     unknown = [m for m in wanted if m not in known]
     if unknown:
         ap.error(f"unknown methods {unknown} (known: {', '.join(known)})")
+    known_opt = _available_optimizers()
+    optimizers = known_opt if args.optimizers is None else [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if [o for o in optimizers if o not in known_opt]:
+        ap.error(f"unknown optimizers {[o for o in optimizers if o not in known_opt]} (known: {', '.join(known_opt)})")
     methods = list(dict.fromkeys(["kd", *wanted]))
     if "ce" in methods:  # the student alone first, then kd, then the rest
         methods = ["ce", *[m for m in methods if m != "ce"]]
@@ -315,6 +335,7 @@ def main(argv=None) -> int:
         for pair in pairs:
             teacher, student = PAIRS[pair]
             cfg = dict(device=device, teacher=teacher, student=student, methods=methods,
+                       optimizers=optimizers,
                        steps=args.steps, warmup=args.warmup, batch=args.batch,
                        width_mult=args.width_mult, num_train=args.num_train, image_size=32,
                        num_classes=100, precision=args.precision, threads=args.threads)

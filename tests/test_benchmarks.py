@@ -83,7 +83,8 @@ def test_gpu_check_cpu_stand_in(tmp_path):
 @pytest.mark.slow
 def test_methods_benchmark_quick_mode_covers_every_method(tmp_path):
     """benchmarks/methods.py --quick (CPU, tiny nets, one step): a row without error for every
-    registered student method, one more for each method with an initialisation stage, KD the
+    registered student method, one more for each method with an initialisation stage and for each
+    optimizer plugin (KD trained with it), KD the
     1.00 of the ratios. About 15 s of CPU (45 s wall on the shared 2-core machine)."""
     import json
 
@@ -99,7 +100,12 @@ def test_methods_benchmark_quick_mode_covers_every_method(tmp_path):
     staged = {n for n in names if registry.find("student_method", n).factory.init_stage
               is not registry.find("student_method", "kd").factory.init_stage}
     assert staged == {"ab", "ft", "fsp"}
-    assert set(rows) == names | {f"{n} [init stage]" for n in staged}
+    optimizers = {f"kd [optimizer {n}]" for n in registry.names("optimizer")}
+    assert optimizers == {"kd [optimizer dot]"}
+    assert set(rows) == names | {f"{n} [init stage]" for n in staged} | optimizers
+    # DOT trains the same nets and modules as KD (no extra parameters); its step holds one more
+    # set of gradients (the distillation ones, until the task loss's backward).
+    assert rows["kd [optimizer dot]"]["extra_params"] == rows["kd"]["extra_params"]
     assert not [m for m, r in rows.items() if "error" in r]
     assert rows["kd"]["time_ratio"] == 1.0 and rows["kd"]["mem_ratio"] == 1.0
     assert rows["ft"]["extra_params"] > rows["ft [init stage]"]["extra_params"] > 0  # translator + paraphraser / paraphraser
