@@ -3,7 +3,8 @@ recipes, through the real registry and the
 engine's own pieces (build_model and kdbench.engine.tasks.build_student_task, as a student run builds
 it, StudentTask, DeviceData.train_batches, make_optimizer, autocast): one training step each, of
 the set ce + kd + the method (every method combined with KD), and for a method with an
-initialisation stage (AB, FT, FSP) one step of that stage too (kdbench.engine.tasks.InitTask).
+initialisation stage (AB, FT, FSP) one step of that stage too (kdbench.engine.tasks.InitTask);
+and the KD set trained with each optimizer plugin (DOT), one step each.
 
 Models are thin copies (``width_mult`` 0.125-0.25: same depth, stages and feature protocol as the
 published nets) so the whole file stays fast on a CPU. Only the kdbench distribution's plugins
@@ -257,6 +258,39 @@ def test_method_pair_one_step(registry, method_name, teacher_name, student_name,
     assert any(not torch.equal(b, p) for b, p in zip(before, params)), "SGD step changed nothing"
     for n, p in teacher.named_parameters():
         assert torch.equal(p, teacher_before[n]), f"teacher parameter {n} changed"
+
+
+OPTIMIZERS = builtin_registry().names("optimizer")
+
+
+@pytest.mark.parametrize("teacher_name,student_name,size", CASES)
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+def test_optimizer_pair_one_step(registry, optimizer_name, teacher_name, student_name, size):
+    """The KD set (ce 0.1 + kd 0.9) trained with each optimizer plugin (DOT: the row mdistiller
+    reports): one step through the engine's train_step moves every student parameter, keeps
+    the loss finite and leaves the teacher as it was."""
+    from kdbench.engine.loop import train_step
+
+    torch.manual_seed(0)
+    train = tiny_data(size)
+    teacher = build_teacher(registry, teacher_name, train)
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    student = build_model(registry, model_spec(student_name), train.num_classes).to(DEVICE)
+    task = tasks.build_student_task(registry, [("ce", 0.1, {}), ("kd", 0.9, {})], student, teacher,
+                                    train, DEVICE, optimizer=(optimizer_name, {}))
+    params = optimizer_params(task)
+    optimizer, _ = make_optimizer(params, Schedule(epochs=1, batch_size=BATCH, lr=0.01), DEVICE,
+                                  task.update_rule)
+    before = [p.detach().clone() for p in params]
+    for m in task.modules():
+        m.train()
+    loss, terms, _ = train_step(task, first_batch(task, train), optimizer, DEVICE, PRECISION)
+    assert set(terms) == {"ce", "kd"} and math.isfinite(loss.item())
+    assert all(torch.isfinite(p).all() for p in params)
+    unmoved = [n for (n, p), b in zip(student.named_parameters(), before) if torch.equal(b, p)]
+    assert not unmoved, f"{optimizer_name} left student parameters unchanged: {unmoved[:5]}"
+    for n, p in teacher.named_parameters():
+        assert p.grad is None and torch.equal(p, teacher_before[n]), f"teacher parameter {n} changed"
 
 
 def init_stage_step(init: InitTask, method_name: str, batch, teacher_ids: set[int]) -> None:
