@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -197,3 +198,36 @@ def test_usr2_reaches_the_workers_and_a_rerun_resumes(tmp_path):
     records = read_records(tmp_path / "runs")
     assert len(records) == 6 and {r["status"] for r in records.values()} == {"done"}
     assert all(records[i]["trained_by"]["resumed_from"] is not None for i in stopped), stopped.keys()
+
+
+@pytest.mark.slow
+def test_a_signal_while_the_pool_starts_stops_it_cleanly(tmp_path):
+    """SIGTERM to the parent after its first worker started and before the second one: the
+    parent passes it on (it is not killed, which would leave the first worker training on its
+    own), starts no more workers and exits 128 + signal; the same command then finishes."""
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", seeds=(0, 1), teacher_schedule={"epochs": 40})
+    env = kdbench_env(KDBENCH_TEST_WORKER_START_DELAY=120)
+    proc = subprocess.Popen(kdbench_cmd("run", recipe, "--launcher", "local", "--workers", "2",
+                                        "--checkpoint-every", "1", "--plain"),
+                            stderr=subprocess.PIPE, text=True, env=env)
+    log0, log1 = tmp_path / "runs" / "logs" / "worker-0.log", tmp_path / "runs" / "logs" / "worker-1.log"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log0.exists() and "epochs ×" in log0.read_text()):  # worker 0 is training
+            assert proc.poll() is None and time.monotonic() < deadline, "worker 0 never started a run"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "got SIGTERM: passing it on to the workers" in err, err
+    assert "on 1 worker(s)" in err and "exited with status 143" in err, err
+    assert not log1.exists(), "a worker was started after the signal"
+    stopped = [r for r in read_records(tmp_path / "runs").values() if r["status"] == "interrupted"]
+    assert [r["interrupted"]["signal"] for r in stopped] == ["SIGTERM"], err
+    rerun = run_kdbench("run", recipe, "--launcher", "local", "--workers", "2", "--plain", timeout=900)
+    assert rerun.returncode == 0, rerun.stderr
+    records = read_records(tmp_path / "runs")
+    assert len(records) == 6 and {r["status"] for r in records.values()} == {"done"}

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from kdbench.api import UserError
 from kdbench.engine.locks import LOCK
@@ -40,6 +41,9 @@ FINAL = ("done", "diverged", "failed")
 # Test-only: "<i>:<step>" makes worker i SIGKILL itself after step <step> of its first fresh run;
 # the other workers start once it has begun (its log is written to), so that it gets a run.
 KILL_WORKER_ENV = "KDBENCH_TEST_KILL_WORKER"
+# Test-only: seconds to wait before starting each worker after the first (a signal then arrives
+# while the pool is starting).
+START_DELAY_ENV = "KDBENCH_TEST_WORKER_START_DELAY"
 
 
 def parse_devices(devices: str | None, workers: int | None) -> list[str]:
@@ -89,12 +93,20 @@ def worker_command(recipe: Path, device: str, passthrough: list[str]) -> list[st
 
 
 def start_workers(recipe: Path, devices: list[str], passthrough: list[str], log_dir: Path,
-                  launcher: str = "local") -> list[Worker]:
+                  launcher: str = "local", workers: list[Worker] | None = None,
+                  stopped: Callable[[], bool] = lambda: False) -> list[Worker]:
+    """One worker per device, each appended to ``workers`` as soon as it runs (the parent's
+    signal handler passes signals on to that list); once ``stopped()`` no more are started."""
     log_dir.mkdir(parents=True, exist_ok=True)
     ncpu = sum(d == "cpu" for d in devices)
     kill = os.environ.get(KILL_WORKER_ENV, "")
-    workers = []
+    delay = float(os.environ.get(START_DELAY_ENV, "0") or 0)
+    workers = [] if workers is None else workers
     for i, device in enumerate(devices):
+        if i and delay:
+            time.sleep(delay)
+        if stopped():
+            break
         env = dict(os.environ)
         env[LAUNCHER_ENV] = launcher
         env.pop(KILL_WORKER_ENV, None)
@@ -243,23 +255,31 @@ def run_local(loaded: LoadedRecipe, registry: Registry, devices: list[str], pass
         return 0
     plain = plain or bool(os.environ.get("CI")) or not sys.stderr.isatty()
     log_dir = loaded.output_dir / "logs"
-    workers = start_workers(loaded.path, devices, passthrough, log_dir)
-    watcher = Watcher(view, workers, plain)
-    watcher.log(f"kdbench: {len(view.specs)} run(s) on {len(workers)} worker(s) "
-                f"({', '.join(w.device for w in workers)}); worker logs in {log_dir}")
+    workers: list[Worker] = []
     got: list[int] = []
+    watcher: Watcher | None = None
 
     def forward(signum, frame):
         got.append(signum)
-        watcher.log(f"kdbench: got {signal.Signals(signum).name}: passing it on to the workers")
+        text = f"kdbench: got {signal.Signals(signum).name}: passing it on to the workers"
+        if watcher is not None:
+            watcher.log(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
         for w in workers:
             if w.proc.poll() is None:
                 w.proc.send_signal(signum)
 
-    # All of the runs' stop signals: inside a Slurm allocation USR2 is submitit's warning.
+    # All of the runs' stop signals (inside a Slurm allocation USR2 is submitit's warning),
+    # before the first worker starts: a signal while the pool starts reaches the workers already
+    # running, and no more start; it never kills the parent and leaves workers behind.
     old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     died = []
     try:
+        start_workers(loaded.path, devices, passthrough, log_dir, workers=workers, stopped=lambda: bool(got))
+        watcher = Watcher(view, workers, plain)
+        watcher.log(f"kdbench: {len(view.specs)} run(s) on {len(workers)} worker(s) "
+                    f"({', '.join(w.device for w in workers)}); worker logs in {log_dir}")
         alive = set(range(len(workers)))
         while alive:
             time.sleep(POLL_S)
@@ -276,7 +296,8 @@ def run_local(loaded: LoadedRecipe, registry: Registry, devices: list[str], pass
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        watcher.close()
+        if watcher is not None:
+            watcher.close()
     total = len(view.specs)
     print(f"kdbench: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
           f"{counts.get('diverged', 0)} diverged, "
