@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_NET, read_records, run_kdbench, write_tiny_recipe
+from conftest import TINY_NET, read_records, run_kdbench, toml_value, write_tiny_recipe
 from kdbench.cli import main
 from kdbench.engine.estimate import cost_key
 from kdbench.engine.loop import make_optimizer, train_step
@@ -92,10 +92,9 @@ def test_the_update_is_its_equations_for_each_kind_of_parameter():
     optimizer = _with_dot(ours, batches)
     v_task, v_kd = _by_the_equations(written, batches, SCHEDULE.lr, SCHEDULE.momentum, 0.075,
                                      SCHEDULE.weight_decay)
-    moved = 0.0
     for (name, p), q in zip(ours.named_parameters(), written.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-13, msg=name)
-        moved = min(moved, (p - start[name]).abs().max().item()) if moved else (p - start[name]).abs().max().item()
+    moved = min((p - start[name]).abs().max().item() for name, p in ours.named_parameters())
     assert moved > 1e-4  # every parameter did move
     # Which buffers exist says which loss reached which parameter.
     state = {n: set(optimizer.state[p]) for n, p in ours.named_parameters()}
@@ -183,13 +182,8 @@ DOT_SET = {"label": "DOT", "methods": [{"name": "ce", "weight": 0.1}, {"name": "
 
 def _recipe_with(tiny_recipe, *sets, **overrides):
     """The tiny recipe (Student, KD) with ``sets`` added after them."""
-    extra = "".join("\n[[method_sets]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in s.items()) for s in sets)
+    extra = "".join("\n[[method_sets]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in s.items()) for s in sets)
     return tiny_recipe(extra=extra, **overrides)
-
-
-def _toml(value) -> str:
-    from conftest import toml_value
-    return toml_value(value)
 
 
 def test_the_recipe_key_enters_only_the_ids_of_its_sets(tiny_recipe, registry, tmp_path):

@@ -199,7 +199,7 @@ def _check_pair_overrides(recipe: Recipe, registry: Registry, locate: Locator, v
     for i, pair in enumerate(recipe.pairs):
         if pair.student_schedule:
             try:
-                Schedule.model_validate({**recipe.student_schedule.model_dump(), **pair.student_schedule})
+                recipe.student_schedule_of(pair)
             except ValidationError as exc:
                 for err in _one_per_key(exc.errors()):
                     key = ("pairs", i, "student_schedule", *err["loc"])
@@ -336,10 +336,8 @@ def _check_optimizers(recipe: Recipe, registry: Registry, locate: Locator, valid
                             "without a teacher, e.g. ce) and the distillation terms, and method set "
                             f"{ms.display!r} has {missing}")
         schedules = [("student_schedule", recipe.student_schedule)]
-        for i, pair in enumerate(recipe.pairs):
-            if pair.student_schedule:
-                merged = Schedule.model_validate({**recipe.student_schedule.model_dump(), **pair.student_schedule})
-                schedules.append((f"pairs[{i}].student_schedule", merged))
+        schedules += [(f"pairs[{i}].student_schedule", recipe.student_schedule_of(pair))
+                      for i, pair in enumerate(recipe.pairs) if pair.student_schedule]
         for where, schedule in schedules:
             for problem in plugin.factory.schedule_problems(validated[key], schedule):
                 problems.append(f"{at}: {plugin.name!r} cannot use {where}: {problem}")

@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from kdbench.api import Params
 from kdbench.registry import Registry
 
-from kdbench.recipe.schema import Schedule
-
 if TYPE_CHECKING:
     from kdbench.recipe import LoadedRecipe
     from kdbench.recipe.schema import MethodTerm, ModelRef
@@ -156,9 +154,7 @@ def expand(loaded: "LoadedRecipe", registry: Registry) -> tuple[list[RunSpec], l
         # A pair's own method parameters (its method_params) stand in for the set's.
         terms = [validated.get(("pairs", p, "method_sets", m, "methods", j), validated[("method_sets", m, "methods", j)])
                  for j in range(len(ms.methods))]
-        student_schedule = r.student_schedule.model_dump()
-        if pair.student_schedule:  # only then: the ids of other pairs' runs stay the same
-            student_schedule = Schedule.model_validate({**student_schedule, **pair.student_schedule}).model_dump()
+        student_schedule = r.student_schedule_of(pair).model_dump()
         needs_teacher = any(registry.find("student_method", t.name).factory.needs_teacher
                             for t in ms.methods)
         objectives = [(o, obj) for o, obj in enumerate(r.teacher_objectives)

@@ -204,6 +204,12 @@ class Recipe(_Strict):
     reference: Reference | None = None
     leaderboard: LeaderboardSpec | None = None
 
+    def student_schedule_of(self, pair: Pair) -> Schedule:
+        """The student schedule of ``pair``: its ``student_schedule`` keys over the recipe's."""
+        if not pair.student_schedule:
+            return self.student_schedule
+        return Schedule.model_validate({**self.student_schedule.model_dump(), **pair.student_schedule})
+
     @field_validator("launcher")
     @classmethod
     def _known_launcher(cls, v):

@@ -86,21 +86,21 @@ class DistillationOrientedSGD(torch.optim.Optimizer):
             m_one = (m_task + m_distill) / 2  # for a parameter only one of the losses reaches
             task = [p for p in group["params"] if p.grad is not None]
             distill = [p for p in group["params"] if p in held]
-            both = set(distill)
+            in_task = set(task)
             # The task gradients first, for every parameter that has one (as the reference).
             grads = [p.grad for p in task]
             if decay:
                 grads = torch._foreach_add(grads, task, alpha=decay)
             self._update(task, grads, "momentum_buffer",
-                         [m_task if p in both else m_one for p in task], lr)
-            # Then the distillation gradients; weight decay only where no task gradient took it.
-            has_task = {p for p in task}
+                         [m_task if p in held else m_one for p in task], lr)
+            # Then the distillation gradients; weight decay only where no task gradient took it
+            # (and, as the reference, not at a distillation-only buffer's first step).
             grads = [held[p] for p in distill]
             if decay:
-                grads = [g.add(p, alpha=decay) if p not in has_task and "distillation_momentum_buffer" in self.state[p]
+                grads = [g.add(p, alpha=decay) if p not in in_task and "distillation_momentum_buffer" in self.state[p]
                          else g for p, g in zip(distill, grads)]
             self._update(distill, grads, "distillation_momentum_buffer",
-                         [m_distill if p in has_task else m_one for p in distill], lr)
+                         [m_distill if p in in_task else m_one for p in distill], lr)
 
     def _update(self, params: list[Tensor], grads: list[Tensor], key: str, momenta: list[float],
                 lr: float) -> None:
